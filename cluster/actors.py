@@ -1,0 +1,109 @@
+"""The roles as Ray actor groups, placed by one placement group built from the config's resources.
+
+The actors are the plain `Learner` and `RolloutWorker` classes made remote: no logic lives here, only placement,
+start-up, and waiting with timeouts that name the role that did not answer.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from cluster.config import JobConfig
+from learner.learner import Learner
+from rollout.worker import RolloutWorker
+
+
+class RoleError(RuntimeError):
+    """A role failed or did not answer in time; the message names it."""
+
+
+def _bundle(cpus: float, gpus: float) -> dict:
+    return {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+
+
+def placement(cfg: JobConfig, timeout_s: float):
+    """Bundles: one per learner rank, then one per rollout worker."""
+    bundles = [_bundle(cfg.learner.num_cpus, cfg.learner.num_gpus) for _ in range(cfg.learner.world_size)]
+    bundles += [_bundle(cfg.rollout.num_cpus, cfg.rollout.num_gpus * cfg.rollout.tensor_parallel_size)
+                for _ in range(cfg.rollout.num_workers)]
+    pg = placement_group(bundles, strategy="PACK", name=f"forecast-grpo-{cfg.run.name}")
+    ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
+    if not ready:
+        remove_placement_group(pg)
+        raise RoleError(f"could not place the job within {timeout_s:.0f}s: it needs {bundles}, the cluster has "
+                        f"{ray.cluster_resources()}")
+    return pg
+
+
+def _on(pg, bundle: int):
+    return PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=bundle)
+
+
+@ray.remote(num_cpus=0)
+def _address() -> tuple[str, int]:
+    from learner.learner import free_port
+
+    return ray.util.get_node_ip_address(), free_port()
+
+
+def start_learners(cfg: JobConfig, pg, run_dir: str) -> list:
+    host, port = ray.get(_address.options(scheduling_strategy=_on(pg, 0)).remote(), timeout=cfg.timeouts.startup_s)
+    cls = ray.remote(Learner)
+    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
+    return [cls.options(num_cpus=cfg.learner.num_cpus, num_gpus=cfg.learner.num_gpus, max_restarts=0,
+                        scheduling_strategy=_on(pg, r), runtime_env=env, name=None)
+            .remote(cfg, r, cfg.learner.world_size, host, port, run_dir)
+            for r in range(cfg.learner.world_size)]
+
+
+def start_workers(cfg: JobConfig, pg) -> list:
+    cls = ray.remote(RolloutWorker)
+    workers = []
+    cores = os.cpu_count() or 1
+    for i in range(cfg.rollout.num_workers):
+        core = None
+        if cfg.rollout.num_gpus == 0:
+            core = cfg.rollout.cpu_cores[i] if cfg.rollout.cpu_cores else str(i % cores)
+        workers.append(cls.options(num_cpus=cfg.rollout.num_cpus, num_gpus=cfg.rollout.num_gpus, max_restarts=0,
+                                   scheduling_strategy=_on(pg, cfg.learner.world_size + i))
+                       .remote(cfg, i, core))
+    return workers
+
+
+def wait(named_refs: list[tuple[str, ray.ObjectRef]], timeout_s: float, what: str, should_stop=None) -> list:
+    """ray.get with a deadline; errors name the role (e.g. 'rollout worker 1') and what it was doing."""
+    deadline = time.monotonic() + timeout_s
+    refs = [r for _, r in named_refs]
+    pending = list(refs)
+    while pending:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            late = [name for name, r in named_refs if r in pending]
+            raise RoleError(f"timed out after {timeout_s:.0f}s waiting for {', '.join(late)} to {what}")
+        done, pending = ray.wait(pending, num_returns=len(pending), timeout=min(left, 1.0))
+        for ref in done:  # surface a failure as soon as it happens, not after the others finish
+            name = next(n for n, r in named_refs if r == ref)
+            try:
+                ray.get(ref, timeout=0)
+            except RayActorError as e:
+                raise RoleError(f"{name} died while trying to {what}: {_cause(e)}") from None
+            except RayTaskError as e:
+                raise RoleError(f"{name} failed to {what}: {_cause(e)}\n{e}") from None
+            except GetTimeoutError:
+                pass
+    return ray.get(refs)
+
+
+def _cause(e: Exception) -> str:
+    """The last line of the remote traceback ('TypeError: ...'), or the error's own first line."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if "Error" in ln.split(":", 1)[0] or "Exception" in ln.split(":", 1)[0]:
+            return ln
+    return lines[0] if lines else type(e).__name__

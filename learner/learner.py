@@ -1,0 +1,399 @@
+"""The GRPO learner on DeepSpeed: a plain class (tests and benchmarks use it without Ray; the Ray actor in
+`cluster/actors.py` is a thin wrapper).
+
+One `train_step` takes the trajectory batches of one step, computes group advantages, drops what carries no signal
+(zero-variance groups) or is too old (beyond the staleness bound), and makes `grpo.updates_per_batch` optimizer
+steps over micro-batches of the rest. Ranks stay in lock-step: every rank sees the whole batch, makes the same
+keep/drop decisions, and runs the same number of forward/backward passes (a rank with fewer sequences runs a
+zero-weight pass), because ZeRO-2/3 reduce and gather inside those passes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from cluster.config import JobConfig
+from learner import grpo
+from rollout.scoring import expected_reward, log_score
+from rollout.trajectory import TrajectoryBatch
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def deepspeed_config(cfg: JobConfig, on_gpu: bool) -> dict:
+    lc = cfg.learner
+    zero: dict = {"stage": lc.zero_stage}
+    if lc.zero_stage == 3:
+        zero.update({"stage3_gather_16bit_weights_on_model_save": False, "overlap_comm": on_gpu})
+    elif lc.zero_stage in (1, 2):
+        zero["overlap_comm"] = False
+    return {
+        "train_micro_batch_size_per_gpu": lc.micro_batch_size,
+        "gradient_accumulation_steps": 1,
+        # Variable micro-batches per step: every step() is the accumulation boundary (DeepSpeed >= 0.19).
+        "managed_gradient_accumulation": False,
+        "gradient_clipping": lc.grad_clip,
+        "optimizer": {"type": "AdamW", "params": {
+            "lr": lc.lr, "betas": list(lc.adam_betas), "eps": 1e-8, "weight_decay": lc.weight_decay,
+            **({} if on_gpu else {"torch_adam": True})}},
+        "zero_optimization": zero,
+        "bf16": {"enabled": cfg.model.dtype == "bfloat16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def lr_lambda(cfg: JobConfig):
+    lc, total = cfg.learner, cfg.run.steps
+
+    def f(step: int) -> float:
+        if lc.warmup_steps and step < lc.warmup_steps:
+            return (step + 1) / lc.warmup_steps
+        if lc.lr_schedule == "constant":
+            return 1.0
+        t = min(1.0, (step - lc.warmup_steps) / max(1, total - lc.warmup_steps))
+        return lc.min_lr_ratio + (1 - lc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+    return f
+
+
+class Learner:
+    def __init__(self, cfg: JobConfig, rank: int = 0, world_size: int = 1, master_addr: str = "127.0.0.1",
+                 master_port: int | None = None, run_dir: str | None = None):
+        import deepspeed
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.run_dir = Path(run_dir) if run_dir else None
+        self.on_gpu = torch.cuda.is_available()
+        if not self.on_gpu:
+            threads = cfg.learner.torch_threads or max(1, int(cfg.learner.num_cpus))
+            torch.set_num_threads(threads)
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0" if not self.on_gpu else
+                          os.environ.get("LOCAL_RANK", "0"), MASTER_ADDR=master_addr,
+                          MASTER_PORT=str(master_port or os.environ.get("MASTER_PORT") or free_port()))
+        if not dist.is_initialized():
+            deepspeed.init_distributed(dist_backend="nccl" if self.on_gpu else "gloo", verbose=False)
+        self.device = torch.device("cuda", torch.cuda.current_device()) if self.on_gpu else torch.device("cpu")
+
+        ds_config = deepspeed_config(cfg, self.on_gpu)
+        dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
+        with self._zero3_init(ds_config):
+            model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=dtype)
+        model.config.use_cache = False
+        if cfg.learner.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
+        schedule = lr_lambda(cfg)
+        self.engine, *_ = deepspeed.initialize(
+            model=model, model_parameters=model.parameters(), config=ds_config,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+        self.reference = None
+        if cfg.grpo.kl_beta > 0:
+            with self._zero3_init(ds_config):
+                ref = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=dtype)
+            ref.requires_grad_(False).eval()
+            ref_config = {k: v for k, v in ds_config.items() if k not in ("optimizer", "gradient_clipping")}
+            self.reference = deepspeed.initialize(model=ref, config=ref_config)[0] \
+                if cfg.learner.zero_stage == 3 else ref.to(self.device)
+        self.steps_done = 0
+        self.stats: dict = {}
+
+    @contextlib.contextmanager
+    def _zero3_init(self, ds_config: dict):
+        """ZeRO-3: partition parameters while loading, so a 14B model never sits whole on one rank."""
+        if self.cfg.learner.zero_stage != 3:
+            yield
+            return
+        from transformers.integrations import HfDeepSpeedConfig
+
+        keep = HfDeepSpeedConfig(ds_config)  # noqa: F841  (must stay alive during from_pretrained)
+        yield
+
+    # ------------------------------------------------------------------ batches
+
+    def _micro_tensors(self, batch: TrajectoryBatch, idx: np.ndarray):
+        """Right-padded [B, T] tensors of the sequences idx: inputs, targets, loss mask, sampler logprobs."""
+        lengths = batch.lengths[idx]
+        width = int(lengths.max())
+        n = len(idx)
+        ids = np.full((n, width), self.tokenizer.pad_token_id or 0, dtype=np.int64)
+        mask = np.zeros((n, width), dtype=np.float32)
+        slp = np.zeros((n, width), dtype=np.float32)
+        attn = np.zeros((n, width), dtype=np.int64)
+        for row, i in enumerate(idx):
+            s = batch.sequence(int(i))
+            L = s.stop - s.start
+            ids[row, :L] = batch.tokens[s]
+            mask[row, :L] = batch.loss_mask[s]
+            slp[row, :L] = batch.sampler_logprobs[s]
+            attn[row, :L] = 1
+        t = lambda a: torch.from_numpy(a).to(self.device)  # noqa: E731
+        # position j predicts token j+1: shift the token-level columns by one
+        return t(ids), t(attn), t(ids[:, 1:].copy()), t(mask[:, 1:].copy()), t(slp[:, 1:].copy())
+
+    def _forward_logprobs(self, model, ids, attn, targets, with_entropy: bool):
+        logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]
+        logp, logz = grpo.token_logprobs(logits, targets, self.cfg.rollout.temperature)
+        ent = None
+        if with_entropy:
+            ctx = contextlib.nullcontext() if self.cfg.grpo.entropy_coef > 0 else torch.no_grad()
+            with ctx:
+                ent = grpo.token_entropy(logits, logz, self.cfg.rollout.temperature)
+        return logp, ent
+
+    @torch.no_grad()
+    def sequence_logprobs(self, batch: TrajectoryBatch) -> np.ndarray:
+        """The learner's logprob of every token (flat, aligned with batch.tokens; 0 for each sequence's first)."""
+        self.engine.eval()
+        out = np.zeros(len(batch.tokens), dtype=np.float32)
+        mb = self.cfg.learner.micro_batch_size
+        for start in range(0, batch.num_sequences, mb):
+            idx = np.arange(start, min(start + mb, batch.num_sequences))
+            ids, attn, targets, _, _ = self._micro_tensors(batch, idx)
+            logp, _ = self._forward_logprobs(self.engine, ids, attn, targets, with_entropy=False)
+            logp = logp.float().cpu().numpy()
+            for row, i in enumerate(idx):
+                s = batch.sequence(int(i))
+                out[s.start + 1:s.stop] = logp[row, : s.stop - s.start - 1]
+        self.engine.train()
+        return out
+
+    # ------------------------------------------------------------------ training
+
+    def train_step(self, *batches: TrajectoryBatch) -> dict:
+        """One learner step on the trajectories of one rollout step (one batch per rollout worker, passed as
+        separate arguments so Ray resolves them in this process). Returns step metrics, same on every rank."""
+        t0 = time.perf_counter()
+        cfg, g = self.cfg, self.cfg.grpo
+        batch = TrajectoryBatch.concat(list(batches))
+        step = self.steps_done
+        adv, zero_var = grpo.group_advantages(torch.from_numpy(batch.rewards), torch.from_numpy(batch.group_ids),
+                                              g.normalize_std)
+        staleness = step - batch.policy_version.astype(np.int64)
+        stale = staleness > cfg.sync.max_staleness
+        keep = np.nonzero(~zero_var.numpy() & ~stale)[0]
+        # mini-batches (optimizer steps) over the kept sequences; each rank takes every world_size-th sequence
+        minibatches = [m for m in np.array_split(keep, g.updates_per_batch) if len(m)]
+        prox = self._proximal_logprobs(batch, minibatches) if g.updates_per_batch > 1 else None
+
+        sums = torch.zeros(6, dtype=torch.float64)  # loss, clipped, tokens, kl, entropy, is_weight
+        grad_norms = []
+        self.engine.train()
+        seq_tokens = np.add.reduceat(batch.loss_mask.astype(np.int64), batch.offsets[:-1])
+        for mini in minibatches:
+            denom = float(seq_tokens[mini].sum()) if g.loss_agg == "token-mean" else float(len(mini))
+            local = mini[self.rank :: self.world_size]
+            n_micro = math.ceil(math.ceil(len(mini) / self.world_size) / cfg.learner.micro_batch_size)
+            for k in range(n_micro):
+                idx = local[k * cfg.learner.micro_batch_size:(k + 1) * cfg.learner.micro_batch_size]
+                weight = 1.0
+                if len(idx) == 0:  # keep ranks in lock-step: a pass that contributes nothing
+                    idx, weight = mini[:1], 0.0
+                sums += self._micro_step(batch, idx, adv, denom, weight, prox)
+            self.engine.step()  # also steps the lr schedule
+            gn = self.engine.get_global_grad_norm()
+            grad_norms.append(float(gn) if gn is not None else float("nan"))
+        if dist.is_initialized() and self.world_size > 1:
+            dist.all_reduce(sums)
+        self.steps_done += 1
+        tok = max(sums[2].item(), 1.0)
+        metrics = {
+            "loss": sums[0].item() / max(1, len(minibatches)),
+            "clip_frac": sums[1].item() / tok,
+            "kl": sums[3].item() / tok,
+            "entropy": sums[4].item() / tok,
+            "is_weight_mean": sums[5].item() / tok,
+            "grad_norm": float(np.nanmean(grad_norms)) if grad_norms else 0.0,
+            "lr": self.engine.get_lr()[0],
+            "optimizer_steps": len(minibatches),
+            "trained_sequences": int(len(keep)),
+            "dropped_stale": int(stale.sum()),
+            "max_staleness_seen": int(staleness.max()) if len(staleness) else 0,
+            "train_s": time.perf_counter() - t0,
+        }
+        metrics.update(rollout_stats(batch, zero_var.numpy(), cfg))
+        every = cfg.run.trajectories_every
+        if self.rank == 0 and self.run_dir and every and step % every == 0:
+            self._write_trajectories(batch, adv.numpy(), step)
+        return metrics
+
+    def _write_trajectories(self, batch: TrajectoryBatch, adv: np.ndarray, step: int) -> None:
+        texts = [self.tokenizer.decode(batch.tokens[batch.sequence(i)][batch.prompt_lens[i]:])
+                 for i in range(batch.num_sequences)]
+        out = self.run_dir / "trajectories"
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / f".step_{step:06d}.parquet"
+        batch.write_parquet(tmp, extra={"advantage": adv}, texts=texts)
+        tmp.rename(out / f"step_{step:06d}.parquet")
+
+    def _micro_step(self, batch, idx, adv, denom, weight, prox) -> torch.Tensor:
+        g = self.cfg.grpo
+        ids, attn, targets, mask, slp = self._micro_tensors(batch, idx)
+        a = adv[torch.from_numpy(np.asarray(idx))].to(self.device).unsqueeze(1)
+        logp, ent = self._forward_logprobs(self.engine, ids, attn, targets, with_entropy=True)
+        logp_prox = logp.detach() if prox is None else self._gather_prox(prox, batch, idx, logp.shape)
+        logp_ref = None
+        if self.reference is not None:
+            with torch.no_grad():
+                logp_ref, _ = self._forward_logprobs(self.reference, ids, attn, targets, with_entropy=False)
+        tl = grpo.token_loss(logp, logp_prox, slp, a, eps_low=g.clip_eps_low, eps_high=g.clip_eps_high,
+                             tis_cap=g.tis_cap, logp_ref=logp_ref, kl_beta=g.kl_beta, entropy=ent,
+                             entropy_coef=g.entropy_coef)
+        # DeepSpeed averages gradients over ranks; the loss is this rank's share of the global sum
+        loss = grpo.aggregate(tl.loss, mask, g.loss_agg, denom) * self.world_size * weight
+        self.engine.backward(loss)
+        m = mask * weight
+        with torch.no_grad():
+            return torch.tensor([loss.item() / self.world_size, (tl.clipped.float() * m).sum().item(), m.sum().item(),
+                                 (tl.kl * m).sum().item(), (ent * m).sum().item(), (tl.is_weight * m).sum().item()],
+                                dtype=torch.float64)
+
+    @torch.no_grad()
+    def _proximal_logprobs(self, batch: TrajectoryBatch, minibatches) -> dict[int, np.ndarray]:
+        """Logprobs before any update of this batch, for the ratio of every later mini-batch (lock-step order)."""
+        out = {}
+        mb = self.cfg.learner.micro_batch_size
+        self.engine.eval()
+        for mini in minibatches:
+            local = mini[self.rank :: self.world_size]
+            n_micro = math.ceil(math.ceil(len(mini) / self.world_size) / mb)
+            for k in range(n_micro):
+                idx = local[k * mb:(k + 1) * mb]
+                run = idx if len(idx) else mini[:1]
+                ids, attn, targets, _, _ = self._micro_tensors(batch, run)
+                logp, _ = self._forward_logprobs(self.engine, ids, attn, targets, with_entropy=False)
+                for row, i in enumerate(idx):
+                    out[int(i)] = logp[row].float().cpu().numpy()
+        self.engine.train()
+        return out
+
+    def _gather_prox(self, prox, batch, idx, shape) -> torch.Tensor:
+        t = torch.zeros(shape, dtype=torch.float32)
+        for row, i in enumerate(idx):
+            p = prox.get(int(i))
+            if p is not None:
+                t[row, : len(p)] = torch.from_numpy(p[: shape[1]])
+        return t.to(self.device)
+
+    # ------------------------------------------------------------------ weights out
+
+    def _gathered(self, params):
+        if self.cfg.learner.zero_stage == 3:
+            import deepspeed
+
+            return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+        return contextlib.nullcontext()
+
+    def named_weight_chunks(self, chunk_bytes: int = 256 << 20):
+        """Full weights in chunks (every rank must iterate: ZeRO-3 gathers are collective); rank 0 gets tensors."""
+        named = list(self.engine.module.named_parameters())
+        chunk, size = [], 0
+        for name, p in named:
+            chunk.append((name, p))
+            size += p.ds_numel * p.element_size() if hasattr(p, "ds_numel") else p.numel() * p.element_size()
+            if size >= chunk_bytes or name == named[-1][0]:
+                with self._gathered([q for _, q in chunk]):
+                    yield [(n, q.detach().to("cpu", copy=True)) for n, q in chunk] if self.rank == 0 else []
+                chunk, size = [], 0
+
+    def export_weights(self) -> dict | None:
+        """Object-store transport: {name: numpy array} (bf16 as int16 views, dtype map under '__dtypes__')."""
+        arrays, dtypes = {}, {}
+        for chunk in self.named_weight_chunks():
+            for name, t in chunk:
+                if t.dtype == torch.bfloat16:
+                    dtypes[name] = "bfloat16"
+                    t = t.view(torch.int16)
+                arrays[name] = t.numpy()
+        if self.rank != 0:
+            return None
+        return {"arrays": arrays, "dtypes": dtypes, "version": self.steps_done}
+
+    def weight_group_address(self) -> tuple[str, int, list]:
+        from cluster.weight_sync import manifest_of
+
+        import ray
+
+        return ray.util.get_node_ip_address(), free_port(), manifest_of(self.engine.module.named_parameters())
+
+    def join_weight_group(self, host: str, port: int, world: int, timeout_s: float) -> int:
+        from cluster.weight_sync import CollectiveSender
+
+        if self.rank == 0:
+            self._sender = CollectiveSender(host, port, world, timeout_s)
+        return self.rank
+
+    def broadcast_weights(self) -> int:
+        """Collective transport: every rank gathers bucket by bucket (ZeRO-3), rank 0 broadcasts each bucket."""
+        from cluster.weight_sync import buckets, manifest_of
+
+        params = dict(self.engine.module.named_parameters())
+        sent = 0
+        for dtype, items in buckets(manifest_of(params.items())):
+            ps = [params[name] for name, _, _ in items]
+            with self._gathered(ps):
+                if self.rank == 0:
+                    sent += self._sender.send_bucket(dtype, [p.detach() for p in ps])
+        return sent
+
+    def save_checkpoint(self, path: str | Path) -> str | None:
+        """A Hugging Face folder (model + tokenizer), written to a temporary name and renamed when complete."""
+        path = Path(path)
+        state = {}
+        for chunk in self.named_weight_chunks():
+            state.update(chunk)
+        if self.rank != 0:
+            return None
+        tmp = path.with_name(path.name + ".partial")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        module = self.engine.module
+        module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        self.tokenizer.save_pretrained(tmp)
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+        return str(path)
+
+
+def rollout_stats(batch: TrajectoryBatch, zero_var: np.ndarray, cfg: JobConfig) -> dict:
+    """What the rollout produced this step (reward, CE to the true probability, format failures)."""
+    parsed = ~np.isnan(batch.forecasts)
+    eps = cfg.task.clip_eps
+    known = ~np.isnan(batch.p_true)
+    # CE to the best-known probability: p* for synthetic questions, the market (or the outcome) otherwise
+    p = np.where(known, batch.p_true, batch.targets).astype(np.float64)
+    ce = -log_score(p[parsed], batch.forecasts[parsed].astype(np.float64), eps)
+    groups = np.unique(batch.group_ids)
+    zero_groups = len(np.unique(batch.group_ids[zero_var]))
+    out = {
+        "reward_mean": float(batch.rewards.mean()),
+        "reward_std": float(batch.rewards.std()),
+        "ce_mean": float(ce.mean()) if len(ce) else float("nan"),
+        "format_fail_rate": float(1.0 - parsed.mean()),
+        "zero_var_groups": int(zero_groups),
+        "groups": int(len(groups)),
+        "tokens_generated": int(batch.completion_tokens),
+        "truncated_rate": float(batch.truncated.mean()),
+        "gen_s": float(batch.gen_seconds),
+        "sampler_policy_version": int(batch.policy_version.min()),
+    }
+    if known.all():
+        out["expected_reward"] = float(expected_reward(batch.p_true, batch.forecasts, cfg.task.reward, eps,
+                                                       cfg.task.format_penalty).mean())
+    return out

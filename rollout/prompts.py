@@ -1,0 +1,32 @@
+"""A question becomes a chat prompt in the model's own chat template, as exact token ids.
+
+The dice family renders to exactly the TRL peer harness's prompt (question, a space, the instruction, as one user
+message), so the two systems see the same text.
+"""
+
+from __future__ import annotations
+
+from rollout.questions import Question
+
+STRICT_INSTRUCTION = "Answer with <answer>p</answer>."
+REASONING_INSTRUCTION = "Think it through step by step, then answer with <answer>p</answer>."
+
+
+def user_message(q: Question, reasoning: bool = False) -> str:
+    extras = []
+    if q.background.strip():
+        extras.append(f"Background: {q.background.strip()}")
+    if q.resolution_criteria.strip():
+        extras.append(f"Resolution criteria: {q.resolution_criteria.strip()}")
+    if q.as_of is not None:
+        extras.append(f"Today's date is {q.as_of.isoformat()}.")
+    instruction = REASONING_INSTRUCTION if reasoning else STRICT_INSTRUCTION
+    if not extras:
+        return f"{q.text.strip()} {instruction}"
+    return "\n\n".join([q.text.strip(), *extras, instruction])
+
+
+def chat_prompt_ids(tokenizer, q: Question, reasoning: bool = False) -> list[int]:
+    text = tokenizer.apply_chat_template([{"role": "user", "content": user_message(q, reasoning)}],
+                                         tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
