@@ -23,6 +23,16 @@ class RoleError(RuntimeError):
     """A role failed or did not answer in time; the message names it."""
 
 
+# actor id (hex) -> role name, so a death seen through another role's call (a learner whose input batch came from
+# a dead worker) is blamed on the actor that actually died
+ROLES: dict[str, str] = {}
+
+
+def _register(handle, name: str):
+    ROLES[handle._actor_id.hex()] = name
+    return handle
+
+
 def _bundle(cpus: float, gpus: float) -> dict:
     return {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
 
@@ -56,9 +66,9 @@ def start_learners(cfg: JobConfig, pg, run_dir: str) -> list:
     host, port = ray.get(_address.options(scheduling_strategy=_on(pg, 0)).remote(), timeout=cfg.timeouts.startup_s)
     cls = ray.remote(Learner)
     env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
-    return [cls.options(num_cpus=cfg.learner.num_cpus, num_gpus=cfg.learner.num_gpus, max_restarts=0,
-                        scheduling_strategy=_on(pg, r), runtime_env=env, name=None)
-            .remote(cfg, r, cfg.learner.world_size, host, port, run_dir)
+    return [_register(cls.options(num_cpus=cfg.learner.num_cpus, num_gpus=cfg.learner.num_gpus, max_restarts=0,
+                                  scheduling_strategy=_on(pg, r), runtime_env=env)
+                      .remote(cfg, r, cfg.learner.world_size, host, port, run_dir), f"learner rank {r}")
             for r in range(cfg.learner.world_size)]
 
 
@@ -70,9 +80,9 @@ def start_workers(cfg: JobConfig, pg) -> list:
         core = None
         if cfg.rollout.num_gpus == 0:
             core = cfg.rollout.cpu_cores[i] if cfg.rollout.cpu_cores else str(i % cores)
-        workers.append(cls.options(num_cpus=cfg.rollout.num_cpus, num_gpus=cfg.rollout.num_gpus, max_restarts=0,
-                                   scheduling_strategy=_on(pg, cfg.learner.world_size + i))
-                       .remote(cfg, i, core))
+        workers.append(_register(cls.options(num_cpus=cfg.rollout.num_cpus, num_gpus=cfg.rollout.num_gpus,
+                                             max_restarts=0, scheduling_strategy=_on(pg, cfg.learner.world_size + i))
+                                 .remote(cfg, i, core), f"rollout worker {i}"))
     return workers
 
 
@@ -92,7 +102,9 @@ def wait(named_refs: list[tuple[str, ray.ObjectRef]], timeout_s: float, what: st
             try:
                 ray.get(ref, timeout=0)
             except RayActorError as e:
-                raise RoleError(f"{name} died while trying to {what}: {_cause(e)}") from None
+                dead = ROLES.get(e.actor_id or "", name)
+                via = "" if dead == name else f" (seen by {name})"
+                raise RoleError(f"{dead} died while the job waited to {what}{via}: {_cause(e)}") from None
             except RayTaskError as e:
                 raise RoleError(f"{name} failed to {what}: {_cause(e)}\n{e}") from None
             except GetTimeoutError:

@@ -77,7 +77,10 @@ def init_ray(cfg: JobConfig):
     env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore::UserWarning"}}
     if address:
         check_reachable(address, cfg.timeouts.connect_s)
-        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        try:
+            ray.init(address=address, runtime_env=env, log_to_driver=True)
+        except (ConnectionError, RuntimeError) as e:  # a port that answers but is no Ray head
+            raise ConfigError(f"cannot reach the Ray cluster at {address!r} (RAY_ADDRESS / ray.address): {e}") from None
     else:
         ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, runtime_env=env, log_to_driver=True)
     return ray
@@ -155,7 +158,6 @@ class Driver:
             for step in range(cfg.run.steps):
                 t_step = time.perf_counter()
                 batches = pending if pending is not None else self.launch(sampler, step)
-                gen_version = version
                 # overlap: the next batch is generated while this one trains (stale by one step)
                 pending = self.launch(sampler, step + 1) if cfg.sync.overlap and step + 1 < cfg.run.steps else None
                 results = actors.wait([(f"learner rank {r}", lr.train_step.remote(*batches))
@@ -168,7 +170,7 @@ class Driver:
                     actors.wait(self.sync.broadcast(self.learners, self.workers, version), to.sync_s,
                                 "broadcast weights")
                     sync_s = time.perf_counter() - t
-                m.update(step=step, policy_version=gen_version, sync_s=sync_s, wall_s=time.perf_counter() - self.t0,
+                m.update(step=step, policy_version=m.pop("sampler_policy_version"), sync_s=sync_s, wall_s=time.perf_counter() - self.t0,
                          step_s=time.perf_counter() - t_step)
                 if levels and "expected_reward" in m:
                     m["skill"] = levels.skill(m["expected_reward"])

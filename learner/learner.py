@@ -205,9 +205,13 @@ class Learner:
                 if len(idx) == 0:  # keep ranks in lock-step: a pass that contributes nothing
                     idx, weight = mini[:1], 0.0
                 sums += self._micro_step(batch, idx, adv, denom, weight, prox)
+            # ZeRO stage 0 computes the norm for clipping but does not keep it: take it before the step
+            # (exact on one rank; on several it is this rank's norm before the all-reduce)
+            local = None if self.cfg.learner.zero_stage else torch.nn.utils.get_total_norm(
+                [p.grad for p in self.engine.module.parameters() if p.grad is not None])
             self.engine.step()  # also steps the lr schedule
             gn = self.engine.get_global_grad_norm()
-            grad_norms.append(float(gn) if gn is not None else float("nan"))
+            grad_norms.append(float(gn if gn is not None else local))
         if dist.is_initialized() and self.world_size > 1:
             dist.all_reduce(sums)
         self.steps_done += 1
@@ -218,7 +222,7 @@ class Learner:
             "kl": sums[3].item() / tok,
             "entropy": sums[4].item() / tok,
             "is_weight_mean": sums[5].item() / tok,
-            "grad_norm": float(np.nanmean(grad_norms)) if grad_norms else 0.0,
+            "grad_norm": float(np.mean(grad_norms)) if grad_norms else 0.0,
             "lr": self.engine.get_lr()[0],
             "optimizer_steps": len(minibatches),
             "trained_sequences": int(len(keep)),

@@ -1,0 +1,32 @@
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    """The demo's tiny model, built once (the Makefile builds the same folder)."""
+    from learner import tiny_model
+
+    return tiny_model.ensure(ROOT / "models" / "tiny")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    yield ray
+    ray.shutdown()
+
+
+def make_cfg(model: Path, *overrides: str):
+    from cluster.config import load_config
+
+    return load_config(None, [f"model.path={model}", "run.progress=false", *overrides])

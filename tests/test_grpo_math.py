@@ -1,0 +1,108 @@
+"""GRPO's math against values worked out by hand."""
+
+import math
+
+import pytest
+import torch
+
+from learner import grpo
+
+
+def test_advantages_mean_centred_without_std():
+    r = torch.tensor([1.0, 2.0, 3.0, 10.0, 10.0, 10.0, 0.0, 4.0])
+    g = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2])
+    adv, zero = grpo.group_advantages(r, g, normalize_std=False)
+    assert adv.tolist() == pytest.approx([-1.0, 0.0, 1.0, 0.0, 0.0, 0.0, -2.0, 2.0])
+    assert zero.tolist() == [False, False, False, True, True, True, False, False]
+
+
+def test_advantages_divided_by_unbiased_group_std():
+    r = torch.tensor([1.0, 2.0, 3.0, 0.0, 4.0])
+    g = torch.tensor([7, 7, 7, 3, 3])
+    adv, _ = grpo.group_advantages(r, g, normalize_std=True)
+    # group 7: std = 1 (unbiased); group 3: mean 2, std = sqrt((4 + 4) / 1) = 2.828427
+    s = math.sqrt(8.0)
+    assert adv.tolist() == pytest.approx([-1 / (1 + 1e-6), 0.0, 1 / (1 + 1e-6), -2 / (s + 1e-6), 2 / (s + 1e-6)],
+                                         rel=1e-6)
+
+
+def test_zero_variance_group_gets_zero_advantage_even_with_std():
+    r = torch.tensor([-0.5, -0.5, -0.5, -0.5])
+    adv, zero = grpo.group_advantages(r, torch.zeros(4, dtype=torch.long), normalize_std=True)
+    assert adv.abs().max().item() == 0.0 and bool(zero.all())
+
+
+def _loss(ratio, adv, eps_low=0.2, eps_high=0.3, tis_cap=None, sampler_shift=0.0, **kw):
+    logp = torch.log(torch.tensor([[ratio]])).requires_grad_(True)
+    prox = torch.zeros(1, 1)
+    sampler = prox - sampler_shift
+    out = grpo.token_loss(logp, prox, sampler, torch.tensor([[adv]]), eps_low=eps_low, eps_high=eps_high,
+                          tis_cap=tis_cap, **kw)
+    out.loss.sum().backward()
+    return out, logp.grad.item()
+
+
+@pytest.mark.parametrize("ratio,adv,loss,clipped,grad", [
+    (1.0, 2.0, -2.0, False, -2.0),      # on-policy: -A, gradient -A * ratio
+    (1.5, 2.0, -2.6, True, 0.0),        # above 1 + eps_high with A > 0: clipped at 1.3, no gradient
+    (1.2, 2.0, -2.4, False, -2.4),      # inside the band
+    (0.5, 2.0, -1.0, False, -1.0),      # below the band but A > 0: min() keeps the unclipped term
+    (0.5, -2.0, 1.6, True, 0.0),        # below 1 - eps_low with A < 0: clipped at 0.8, no gradient
+    (1.5, -2.0, 3.0, False, 3.0),       # above the band with A < 0: the unclipped (worse) term stays
+])
+def test_ppo_clip_both_sides(ratio, adv, loss, clipped, grad):
+    out, g = _loss(ratio, adv)
+    assert out.loss.item() == pytest.approx(loss, rel=1e-6)
+    assert bool(out.clipped.item()) is clipped
+    assert g == pytest.approx(grad, rel=1e-5)
+
+
+def test_truncated_importance_weight():
+    # learner says log 0 = 0, sampler said -log 4: weight 4, capped at 2; the weight carries no gradient
+    out, g = _loss(1.0, 1.0, tis_cap=2.0, sampler_shift=math.log(4.0))
+    assert out.is_weight.item() == pytest.approx(2.0)
+    assert out.loss.item() == pytest.approx(-2.0)
+    assert g == pytest.approx(-2.0)
+    out, _ = _loss(1.0, 1.0, tis_cap=2.0, sampler_shift=math.log(1.5))
+    assert out.is_weight.item() == pytest.approx(1.5)
+    out, _ = _loss(1.0, 1.0, tis_cap=None, sampler_shift=math.log(4.0))
+    assert out.is_weight.item() == 1.0
+
+
+def test_k3_kl():
+    logp = torch.tensor([[math.log(0.5), math.log(0.2)]])
+    ref = torch.tensor([[math.log(0.25), math.log(0.2)]])
+    out = grpo.token_loss(logp, logp, logp, torch.zeros(1, 1), eps_low=0.2, eps_high=0.2, tis_cap=None,
+                          logp_ref=ref, kl_beta=0.1)
+    d = math.log(0.25) - math.log(0.5)  # ref - logp
+    k3 = math.exp(d) - d - 1  # 0.5 + log 2 - 1 = 0.193147
+    assert out.kl[0, 0].item() == pytest.approx(k3, rel=1e-6)
+    assert out.kl[0, 1].item() == pytest.approx(0.0, abs=1e-7)
+    assert out.loss[0, 0].item() == pytest.approx(0.1 * k3, rel=1e-5)
+    with pytest.raises(ValueError):
+        grpo.token_loss(logp, logp, logp, torch.zeros(1, 1), eps_low=0.2, eps_high=0.2, tis_cap=None, kl_beta=0.1)
+
+
+def test_aggregation_token_mean_and_seq_mean_with_masks():
+    values = torch.tensor([[1.0, 2.0, 3.0, 99.0], [4.0, 5.0, 99.0, 99.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    # token-mean: (1+2+3+4+5) / 5 tokens
+    assert grpo.aggregate(values, mask, "token-mean", 5.0).item() == pytest.approx(3.0)
+    # seq-mean: (mean(1,2,3) + mean(4,5)) / 2 sequences = (2 + 4.5) / 2
+    assert grpo.aggregate(values, mask, "seq-mean", 2.0).item() == pytest.approx(3.25)
+    # micro-batches sum to the batch value when given the batch denominator
+    parts = sum(grpo.aggregate(values[i:i + 1], mask[i:i + 1], "token-mean", 5.0) for i in range(2))
+    assert parts.item() == pytest.approx(3.0)
+    with pytest.raises(ValueError):
+        grpo.aggregate(values, mask, "sum", 1.0)
+
+
+def test_token_logprobs_with_temperature_and_entropy():
+    logits = torch.tensor([[[2.0, 0.0, -1.0]]])
+    target = torch.tensor([[0]])
+    lp, logz = grpo.token_logprobs(logits, target, temperature=2.0)
+    z = math.exp(1.0) + 1.0 + math.exp(-0.5)
+    assert lp.item() == pytest.approx(1.0 - math.log(z), rel=1e-6)
+    ps = [math.exp(1.0) / z, 1.0 / z, math.exp(-0.5) / z]
+    ent = grpo.token_entropy(logits, logz, temperature=2.0)
+    assert ent.item() == pytest.approx(-sum(p * math.log(p) for p in ps), rel=1e-6)
