@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from cluster.config import JobConfig
-from learner import grpo
+from learner import forward, grpo
 from rollout.scoring import expected_reward, log_score
 from rollout.trajectory import TrajectoryBatch
 
@@ -85,7 +85,7 @@ class Learner:
             torch.set_num_threads(threads)
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0" if not self.on_gpu else
                           os.environ.get("LOCAL_RANK", "0"), MASTER_ADDR=master_addr,
-                          MASTER_PORT=str(master_port or os.environ.get("MASTER_PORT") or free_port()))
+                          MASTER_PORT=str(master_port or free_port()))
         if not dist.is_initialized():
             deepspeed.init_distributed(dist_backend="nccl" if self.on_gpu else "gloo", verbose=False)
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.on_gpu else torch.device("cpu")
@@ -126,50 +126,39 @@ class Learner:
 
     # ------------------------------------------------------------------ batches
 
-    def _micro_tensors(self, batch: TrajectoryBatch, idx: np.ndarray):
-        """Right-padded [B, T] tensors of the sequences idx: inputs, targets, loss mask, sampler logprobs."""
-        lengths = batch.lengths[idx]
-        width = int(lengths.max())
-        n = len(idx)
-        ids = np.full((n, width), self.tokenizer.pad_token_id or 0, dtype=np.int64)
-        mask = np.zeros((n, width), dtype=np.float32)
-        slp = np.zeros((n, width), dtype=np.float32)
-        attn = np.zeros((n, width), dtype=np.int64)
-        for row, i in enumerate(idx):
-            s = batch.sequence(int(i))
-            L = s.stop - s.start
-            ids[row, :L] = batch.tokens[s]
-            mask[row, :L] = batch.loss_mask[s]
-            slp[row, :L] = batch.sampler_logprobs[s]
-            attn[row, :L] = 1
-        t = lambda a: torch.from_numpy(a).to(self.device)  # noqa: E731
-        # position j predicts token j+1: shift the token-level columns by one
-        return t(ids), t(attn), t(ids[:, 1:].copy()), t(mask[:, 1:].copy()), t(slp[:, 1:].copy())
+    def _plan(self, mini: np.ndarray) -> list[tuple[np.ndarray, float]]:
+        """This rank's micro-batches of a mini-batch, as (sequence indices, weight).
 
-    def _forward_logprobs(self, model, ids, attn, targets, with_entropy: bool):
-        logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]
-        logp, logz = grpo.token_logprobs(logits, targets, self.cfg.rollout.temperature)
-        ent = None
-        if with_entropy:
-            ctx = contextlib.nullcontext() if self.cfg.grpo.entropy_coef > 0 else torch.no_grad()
-            with ctx:
-                ent = grpo.token_entropy(logits, logz, self.cfg.rollout.temperature)
-        return logp, ent
+        Ranks take contiguous shares (groups stay together, so prompts are shared), and all ranks run the same
+        number of passes; a rank that runs out repeats one sequence with weight 0.
+        """
+        share = np.array_split(mini, self.world_size)[self.rank]
+        mb = self.cfg.learner.micro_batch_size
+        n_micro = math.ceil(math.ceil(len(mini) / self.world_size) / mb)
+        plan = []
+        for k in range(n_micro):
+            idx = share[k * mb:(k + 1) * mb]
+            plan.append((idx, 1.0) if len(idx) else (mini[:1], 0.0))
+        return plan
+
+    def _logprobs(self, model, mb: forward.MicroBatch, entropy: str = "none"):
+        return forward.completion_logprobs(model, mb, self.cfg.rollout.temperature, entropy)
+
+    def _micro(self, batch: TrajectoryBatch, idx: np.ndarray) -> forward.MicroBatch:
+        return forward.build(batch, idx, self.tokenizer.pad_token_id or 0, self.device)
 
     @torch.no_grad()
     def sequence_logprobs(self, batch: TrajectoryBatch) -> np.ndarray:
-        """The learner's logprob of every token (flat, aligned with batch.tokens; 0 for each sequence's first)."""
+        """The learner's logprob of every completion token (flat, aligned with batch.tokens; 0 on prompts)."""
         self.engine.eval()
         out = np.zeros(len(batch.tokens), dtype=np.float32)
         mb = self.cfg.learner.micro_batch_size
         for start in range(0, batch.num_sequences, mb):
-            idx = np.arange(start, min(start + mb, batch.num_sequences))
-            ids, attn, targets, _, _ = self._micro_tensors(batch, idx)
-            logp, _ = self._forward_logprobs(self.engine, ids, attn, targets, with_entropy=False)
-            logp = logp.float().cpu().numpy()
-            for row, i in enumerate(idx):
-                s = batch.sequence(int(i))
-                out[s.start + 1:s.stop] = logp[row, : s.stop - s.start - 1]
+            micro = self._micro(batch, np.arange(start, min(start + mb, batch.num_sequences)))
+            logp = self._logprobs(self.engine, micro)[0].float().cpu().numpy()
+            for row, i in enumerate(micro.rows):
+                s = batch.offsets[i] + batch.prompt_lens[i]
+                out[s:batch.offsets[i + 1]] = logp[row, : batch.offsets[i + 1] - s]
         self.engine.train()
         return out
 
@@ -187,23 +176,17 @@ class Learner:
         staleness = step - batch.policy_version.astype(np.int64)
         stale = staleness > cfg.sync.max_staleness
         keep = np.nonzero(~zero_var.numpy() & ~stale)[0]
-        # mini-batches (optimizer steps) over the kept sequences; each rank takes every world_size-th sequence
-        minibatches = [m for m in np.array_split(keep, g.updates_per_batch) if len(m)]
-        prox = self._proximal_logprobs(batch, minibatches) if g.updates_per_batch > 1 else None
+        # mini-batches: one optimizer step each; with several, the ratio needs the pre-update logprobs
+        plans = [(mini, self._plan(mini)) for mini in np.array_split(keep, g.updates_per_batch) if len(mini)]
+        prox = self._proximal_logprobs(batch, plans) if len(plans) > 1 else None
 
         sums = torch.zeros(6, dtype=torch.float64)  # loss, clipped, tokens, kl, entropy, is_weight
         grad_norms = []
         self.engine.train()
         seq_tokens = np.add.reduceat(batch.loss_mask.astype(np.int64), batch.offsets[:-1])
-        for mini in minibatches:
+        for mini, plan in plans:
             denom = float(seq_tokens[mini].sum()) if g.loss_agg == "token-mean" else float(len(mini))
-            local = mini[self.rank :: self.world_size]
-            n_micro = math.ceil(math.ceil(len(mini) / self.world_size) / cfg.learner.micro_batch_size)
-            for k in range(n_micro):
-                idx = local[k * cfg.learner.micro_batch_size:(k + 1) * cfg.learner.micro_batch_size]
-                weight = 1.0
-                if len(idx) == 0:  # keep ranks in lock-step: a pass that contributes nothing
-                    idx, weight = mini[:1], 0.0
+            for idx, weight in plan:
                 sums += self._micro_step(batch, idx, adv, denom, weight, prox)
             # ZeRO stage 0 computes the norm for clipping but does not keep it: take it before the step
             # (exact on one rank; on several it is this rank's norm before the all-reduce)
@@ -217,14 +200,14 @@ class Learner:
         self.steps_done += 1
         tok = max(sums[2].item(), 1.0)
         metrics = {
-            "loss": sums[0].item() / max(1, len(minibatches)),
+            "loss": sums[0].item() / max(1, len(plans)),
             "clip_frac": sums[1].item() / tok,
             "kl": sums[3].item() / tok,
             "entropy": sums[4].item() / tok,
             "is_weight_mean": sums[5].item() / tok,
             "grad_norm": float(np.mean(grad_norms)) if grad_norms else 0.0,
             "lr": self.engine.get_lr()[0],
-            "optimizer_steps": len(minibatches),
+            "optimizer_steps": len(plans),
             "trained_sequences": int(len(keep)),
             "dropped_stale": int(stale.sum()),
             "max_staleness_seen": int(staleness.max()) if len(staleness) else 0,
@@ -247,52 +230,47 @@ class Learner:
 
     def _micro_step(self, batch, idx, adv, denom, weight, prox) -> torch.Tensor:
         g = self.cfg.grpo
-        ids, attn, targets, mask, slp = self._micro_tensors(batch, idx)
-        a = adv[torch.from_numpy(np.asarray(idx))].to(self.device).unsqueeze(1)
-        logp, ent = self._forward_logprobs(self.engine, ids, attn, targets, with_entropy=True)
-        logp_prox = logp.detach() if prox is None else self._gather_prox(prox, batch, idx, logp.shape)
+        mb = self._micro(batch, idx)
+        a = adv[torch.from_numpy(mb.rows)].to(self.device).unsqueeze(1)
+        logp, ent = self._logprobs(self.engine, mb, "grad" if g.entropy_coef > 0 else "nograd")
+        logp_prox = logp.detach() if prox is None else self._stack(prox, mb)
         logp_ref = None
         if self.reference is not None:
             with torch.no_grad():
-                logp_ref, _ = self._forward_logprobs(self.reference, ids, attn, targets, with_entropy=False)
-        tl = grpo.token_loss(logp, logp_prox, slp, a, eps_low=g.clip_eps_low, eps_high=g.clip_eps_high,
-                             tis_cap=g.tis_cap, logp_ref=logp_ref, kl_beta=g.kl_beta, entropy=ent,
-                             entropy_coef=g.entropy_coef)
+                logp_ref, _ = self._logprobs(self.reference, mb)
+        tl = grpo.token_loss(logp, logp_prox, mb.sampler_logprobs, a, eps_low=g.clip_eps_low,
+                             eps_high=g.clip_eps_high, tis_cap=g.tis_cap, logp_ref=logp_ref, kl_beta=g.kl_beta,
+                             entropy=ent, entropy_coef=g.entropy_coef)
         # DeepSpeed averages gradients over ranks; the loss is this rank's share of the global sum
-        loss = grpo.aggregate(tl.loss, mask, g.loss_agg, denom) * self.world_size * weight
+        loss = grpo.aggregate(tl.loss, mb.loss_mask, g.loss_agg, denom) * self.world_size * weight
         self.engine.backward(loss)
-        m = mask * weight
+        m = mb.loss_mask * weight
         with torch.no_grad():
             return torch.tensor([loss.item() / self.world_size, (tl.clipped.float() * m).sum().item(), m.sum().item(),
                                  (tl.kl * m).sum().item(), (ent * m).sum().item(), (tl.is_weight * m).sum().item()],
                                 dtype=torch.float64)
 
     @torch.no_grad()
-    def _proximal_logprobs(self, batch: TrajectoryBatch, minibatches) -> dict[int, np.ndarray]:
-        """Logprobs before any update of this batch, for the ratio of every later mini-batch (lock-step order)."""
+    def _proximal_logprobs(self, batch: TrajectoryBatch, plans) -> dict[int, torch.Tensor]:
+        """Logprobs before any update of this batch, per sequence, for the ratio of every later mini-batch."""
         out = {}
-        mb = self.cfg.learner.micro_batch_size
         self.engine.eval()
-        for mini in minibatches:
-            local = mini[self.rank :: self.world_size]
-            n_micro = math.ceil(math.ceil(len(mini) / self.world_size) / mb)
-            for k in range(n_micro):
-                idx = local[k * mb:(k + 1) * mb]
-                run = idx if len(idx) else mini[:1]
-                ids, attn, targets, _, _ = self._micro_tensors(batch, run)
-                logp, _ = self._forward_logprobs(self.engine, ids, attn, targets, with_entropy=False)
-                for row, i in enumerate(idx):
-                    out[int(i)] = logp[row].float().cpu().numpy()
+        for _, plan in plans:
+            for idx, weight in plan:  # the same passes as training: ZeRO-3 ranks stay in lock-step
+                mb = self._micro(batch, idx)
+                logp = self._logprobs(self.engine, mb)[0]
+                for row, i in enumerate(mb.rows):
+                    out[int(i)] = logp[row]
         self.engine.train()
         return out
 
-    def _gather_prox(self, prox, batch, idx, shape) -> torch.Tensor:
-        t = torch.zeros(shape, dtype=torch.float32)
-        for row, i in enumerate(idx):
-            p = prox.get(int(i))
-            if p is not None:
-                t[row, : len(p)] = torch.from_numpy(p[: shape[1]])
-        return t.to(self.device)
+    def _stack(self, prox: dict[int, torch.Tensor], mb: forward.MicroBatch) -> torch.Tensor:
+        t = torch.zeros_like(mb.sampler_logprobs)
+        for row, i in enumerate(mb.rows):
+            p = prox[int(i)]
+            n = min(len(p), t.shape[1])
+            t[row, :n] = p[:n]
+        return t
 
     # ------------------------------------------------------------------ weights out
 
