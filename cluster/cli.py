@@ -20,8 +20,96 @@ def _tiny_model(argv: list[str]) -> int:
     return 0
 
 
+def _data_parser() -> argparse.ArgumentParser:
+    from rollout import importers
+
+    ap = argparse.ArgumentParser(prog="forecast-grpo data", description="Import, check and split question files "
+                                 "(Parquet, one schema: rollout/questions.py).")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    imp = sub.add_parser("import", help="convert an outside file; what cannot be used is skipped and counted",
+                         description="Convert to our Parquet schema. Rows that cannot be used are skipped and "
+                         "counted by reason. Formats: rollout/importers.py.")
+    fmt = imp.add_subparsers(dest="format", required=True)
+    fb = fmt.add_parser("forecastbench", help="a ForecastBench question set (+ its resolution set)")
+    fb.add_argument("question_set", help="QUESTION_SET.json")
+    fb.add_argument("resolution_set", nargs="?", help="RESOLUTION_SET.json: outcomes, and dataset questions")
+    fb.add_argument("-o", "--out", required=True, help="OUT.parquet")
+    for name in ("jsonl", "csv"):
+        t = fmt.add_parser(name, help=f"one question per {'line' if name == 'jsonl' else 'row'}",
+                           description="Columns are named as the schema's fields unless mapped with --map "
+                           f"FIELD=COLUMN. Fields: {', '.join(importers.FIELDS)}; id and text are required. Dates: "
+                           "ISO dates or datetimes; outcome: 0/1, true/false or yes/no; an empty cell is missing. "
+                           "Other columns are ignored (and listed).")
+        t.add_argument("file")
+        t.add_argument("--map", action="append", default=[], metavar="FIELD=COLUMN",
+                       help="read FIELD from COLUMN, e.g. --map text=question --map market_prob=p")
+        t.add_argument("--source", help="source of rows without a source column (default: the file's name)")
+        t.add_argument("-o", "--out", required=True, help="OUT.parquet")
+    val = sub.add_parser("validate", help="report every bad row (number and field); exit 1 if any")
+    val.add_argument("file", help="a question Parquet file")
+    sp = sub.add_parser("split", help="time split: as-of before the cutoff trains, the rest evaluates",
+                        description="Train on questions asked before --cutoff, evaluate on the later ones; a "
+                        "question never lands on both sides (rollout/splits.py).")
+    sp.add_argument("file", help="a question Parquet file")
+    sp.add_argument("--cutoff", required=True, help="ISO date: as-of before it -> train, on or after -> eval")
+    sp.add_argument("--train", required=True, help="TRAIN.parquet to write")
+    sp.add_argument("--eval", required=True, help="EVAL.parquet to write")
+    sp.add_argument("--keep-late-outcomes", action="store_true",
+                    help="keep the outcomes of training questions resolved on or after the cutoff")
+    return ap
+
+
+def _data(argv: list[str]) -> int:
+    import datetime as dt
+
+    from rollout import importers, splits
+    from rollout import questions as qio
+
+    args = _data_parser().parse_args(argv)
+    try:
+        if args.cmd == "import":
+            if args.format == "forecastbench":
+                qs, report = importers.import_forecastbench(args.question_set, args.resolution_set)
+            else:
+                read = importers.import_jsonl if args.format == "jsonl" else importers.import_csv
+                qs, report = read(args.file, importers.parse_mapping(args.map), args.source)
+            print("\n".join(report.lines()))
+            if not qs:
+                print("error: nothing to write", file=sys.stderr)
+                return 1
+            qio.write_parquet(qs, args.out)
+            print(f"wrote {args.out}")
+        elif args.cmd == "validate":
+            good, errors = qio.check_parquet(args.file)
+            for e in errors:
+                print(e)
+            if errors:
+                print(f"{args.file}: {len(errors)} problems in {len({e.row for e in errors})} rows")
+                return 1
+            print(f"OK {args.file}: {len(good)} questions, {sum(q.market_prob is not None for q in good)} with a "
+                  f"market probability, {sum(q.outcome is not None for q in good)} resolved")
+        else:
+            try:
+                cutoff = dt.date.fromisoformat(args.cutoff)
+            except ValueError:
+                print(f"error: --cutoff {args.cutoff!r} is not an ISO date (YYYY-MM-DD)", file=sys.stderr)
+                return 2
+            split = splits.time_split(qio.read_parquet(args.file), cutoff, not args.keep_late_outcomes)
+            print("\n".join(split.lines()))
+            qio.write_parquet(split.train, args.train)
+            qio.write_parquet(split.eval, args.eval)
+            print(f"wrote {args.train} and {args.eval}")
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 COMMANDS = {
     "train": ("cluster.train", "main", "train with GRPO on Ray"),
+    "eval": ("cluster.evaluate_cli", "main", "score a model's forecasts on a question file, beside baselines"),
+    "report": ("cluster.report", "main", "plot a run: learning curve, reliability diagram"),
+    "data": (None, _data, "import, validate and split question files"),
     "tiny-model": (None, _tiny_model, "build the tiny local model"),
 }
 

@@ -28,7 +28,7 @@ from cluster import weight_sync
 from cluster.config import ConfigError, JobConfig, dump_config, load_config
 from rollout import evaluate, synthetic
 from rollout.scoring import reference_levels
-from rollout.task import QuestionSampler, load_pool
+from rollout.task import QuestionSampler
 
 METRIC_KEYS = ["step", "policy_version", "reward_mean", "reward_std", "ce_mean", "format_fail_rate",
                "zero_var_groups", "clip_frac", "kl", "grad_norm", "tokens_generated", "gen_s", "train_s", "sync_s",
@@ -170,8 +170,8 @@ class Driver:
                     actors.wait(self.sync.broadcast(self.learners, self.workers, version), to.sync_s,
                                 "broadcast weights")
                     sync_s = time.perf_counter() - t
-                m.update(step=step, policy_version=m.pop("sampler_policy_version"), sync_s=sync_s, wall_s=time.perf_counter() - self.t0,
-                         step_s=time.perf_counter() - t_step)
+                m.update(step=step, policy_version=m.pop("sampler_policy_version"), sync_s=sync_s,
+                         wall_s=time.perf_counter() - self.t0, step_s=time.perf_counter() - t_step)
                 if levels and "expected_reward" in m:
                     m["skill"] = levels.skill(m["expected_reward"])
                 mf.write(json.dumps({k: _jsonable(v) for k, v in m.items()}) + "\n")

@@ -12,40 +12,59 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
 
 
 class Question(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    id: str = Field(min_length=1)
-    text: str = Field(min_length=1)
+    id: str
+    text: str
     background: str = ""
     resolution_criteria: str = ""
     as_of: dt.date | None = None
     """The forecast date: what the model may know."""
     resolution_date: dt.date | None = None
-    market_prob: float | None = Field(None, ge=0.0, le=1.0)
+    market_prob: float | None = None
     """Market / community probability at the as-of date (for synthetic questions: p*, or p* plus noise)."""
-    outcome: int | None = Field(None, ge=0, le=1)
+    outcome: int | None = None
     """Resolved outcome, or None while unresolved."""
     source: str = ""
     url: str = ""
-    p_true: float | None = Field(None, ge=0.0, le=1.0)
+    p_true: float | None = None
     """Synthetic only: the known aleatoric probability."""
 
-    @field_validator("text")
+    # Messages carry no values, so importers can count skipped rows by them; RowError adds the value.
+    @field_validator("id", "text", mode="before")
     @classmethod
-    def _text_not_blank(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("text is blank")
+    def _present(cls, v):
+        if v is None:
+            raise ValueError("missing")
+        if isinstance(v, str) and not v.strip():
+            raise ValueError("blank")
         return v
 
-    @model_validator(mode="after")
-    def _dates_in_order(self) -> "Question":
-        if self.as_of and self.resolution_date and self.as_of > self.resolution_date:
-            raise ValueError(f"as_of {self.as_of} is after resolution_date {self.resolution_date}")
-        return self
+    @field_validator("market_prob", "p_true")
+    @classmethod
+    def _probability(cls, v: float | None) -> float | None:
+        if v is not None and not 0.0 <= v <= 1.0:  # NaN fails this too
+            raise ValueError("probability outside [0, 1]")
+        return v
+
+    @field_validator("outcome")
+    @classmethod
+    def _binary(cls, v: int | None) -> int | None:
+        if v not in (None, 0, 1):
+            raise ValueError("outcome must be 0 or 1 (empty while unresolved)")
+        return v
+
+    @field_validator("resolution_date")
+    @classmethod
+    def _after_as_of(cls, v: dt.date | None, info: ValidationInfo) -> dt.date | None:
+        as_of = info.data.get("as_of")
+        if v is not None and as_of is not None and as_of > v:
+            raise ValueError("as-of date is after the resolution date")
+        return v
 
 
 ARROW_SCHEMA = pa.schema([
@@ -68,23 +87,39 @@ def to_table(questions: list[Question]) -> pa.Table:
     return pa.table(cols, schema=ARROW_SCHEMA)
 
 
-def write_parquet(questions: list[Question], path: str | Path) -> None:
+def write_table(table: pa.Table, path: str | Path) -> None:
     """Write atomically: a crash leaves the old file or the new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(to_table(questions), tmp)
+    pq.write_table(table, tmp)
     tmp.replace(path)
 
 
+def write_parquet(questions: list[Question], path: str | Path) -> None:
+    write_table(to_table(questions), path)
+
+
 class RowError(ValueError):
-    def __init__(self, row: int, field: str, msg: str):
-        super().__init__(f"row {row}: {field}: {msg}")
-        self.row, self.field, self.msg = row, field, msg
+    """One problem with one row. `reason` (field and message, no values) is what importers count skipped rows by."""
+
+    def __init__(self, row: int, field: str, msg: str, detail: str = ""):
+        super().__init__(f"row {row}: {field}: {msg}{f' ({detail})' if detail else ''}")
+        self.row, self.field, self.msg, self.detail = row, field, msg, detail
+
+    @property
+    def reason(self) -> str:
+        return f"{self.field}: {self.msg}"
 
 
 def _row_errors(row: int, err: ValidationError) -> list[RowError]:
-    return [RowError(row, ".".join(str(p) for p in e["loc"]) or "(row)", e["msg"]) for e in err.errors()]
+    out = []
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "(row)"
+        msg = "missing" if e["type"] == "missing" else e["msg"].removeprefix("Value error, ")
+        got = e.get("input")
+        out.append(RowError(row, field, msg, "" if isinstance(got, dict) else f"got {got!r}"))
+    return out
 
 
 def validate_rows(rows: list[dict]) -> tuple[list[Question], list[RowError]]:
@@ -97,15 +132,15 @@ def validate_rows(rows: list[dict]) -> tuple[list[Question], list[RowError]]:
             errors.extend(_row_errors(i, e))
             continue
         if q.id in seen:
-            errors.append(RowError(i, "id", f"duplicate id {q.id!r} (first at row {seen[q.id]})"))
+            errors.append(RowError(i, "id", "duplicate id", f"{q.id!r}, first at row {seen[q.id]}"))
             continue
         seen[q.id] = i
         good.append(q)
     return good, errors
 
 
-def read_parquet(path: str | Path) -> list[Question]:
-    """Load and validate; any bad row is an error naming its number and field."""
+def check_parquet(path: str | Path) -> tuple[list[Question], list[RowError]]:
+    """The valid questions and every row error; a missing file or missing columns raise."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"question file not found: {path}")
@@ -113,8 +148,15 @@ def read_parquet(path: str | Path) -> list[Question]:
     missing = {"id", "text"} - set(table.column_names)
     if missing:
         raise ValueError(f"{path}: missing columns {sorted(missing)}")
-    rows = [{k: v for k, v in r.items() if k in ARROW_SCHEMA.names} for r in table.to_pylist()]
-    good, errors = validate_rows(rows)
+    # A null in an optional column means "not given" (other writers leave empty strings null); id and text must be set.
+    rows = [{k: v for k, v in r.items() if k in ARROW_SCHEMA.names and (v is not None or k in ("id", "text"))}
+            for r in table.to_pylist()]
+    return validate_rows(rows)
+
+
+def read_parquet(path: str | Path) -> list[Question]:
+    """Load and validate; any bad row is an error naming its number and field."""
+    good, errors = check_parquet(path)
     if errors:
         shown = "\n  ".join(str(e) for e in errors[:20])
         more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""

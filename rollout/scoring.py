@@ -126,27 +126,29 @@ class ReferenceLevels:
                 "ref_constant_answer": self.constant_answer}
 
 
+def _expected(p, q, mode: str, eps: float):
+    """Expected reward of a parseable forecast q when the truth is p. For the outcome modes the expectation is over
+    o ~ Bernoulli(p): the log score's is the market formula; the Brier score's is -(q - p)^2 - p(1 - p), with q
+    clipped as the reward clips it."""
+    if mode == "outcome_brier":
+        return -((np.clip(q, eps, 1 - eps) - p) ** 2) - p * (1 - p)
+    return log_score(p, q, eps)
+
+
 def reference_levels(targets, mode: str = "market", eps: float = 0.01) -> ReferenceLevels:
     """Expected reward of the three reference forecasters on a question mix with true probabilities `targets`.
 
-    For the outcome modes the expectation is over the outcome o ~ Bernoulli(p): the log score's expectation is the
-    market formula; the Brier score's is -(q - p)^2 - p(1 - p).
+    The floor is p itself, clipped as every forecast is: under a proper score the best clipped answer is clip(p).
     """
     p = np.asarray(targets, dtype=np.float64)
     if p.size == 0:
         raise ValueError("reference levels need at least one question")
     qc = float(np.clip(p.mean(), eps, 1 - eps))
     grid = np.arange(1, 100) / 100.0
-    if mode == "outcome_brier":
-        expected = lambda q: -((q - p) ** 2) - p * (1 - p)  # noqa: E731
-        floor = float(np.mean(-p * (1 - p)))
-    else:
-        expected = lambda q: log_score(p, q, eps)  # noqa: E731
-        floor = float(np.mean(log_score(p, np.clip(p, eps, 1 - eps), eps)))
     return ReferenceLevels(
-        random=float(np.mean([np.mean(expected(q)) for q in grid])),
-        constant=float(np.mean(expected(qc))),
-        floor=floor,
+        random=float(np.mean([np.mean(_expected(p, q, mode, eps)) for q in grid])),
+        constant=float(np.mean(_expected(p, qc, mode, eps))),
+        floor=float(np.mean(_expected(p, np.clip(p, eps, 1 - eps), mode, eps))),
         constant_answer=qc,
     )
 
@@ -157,6 +159,4 @@ def expected_reward(p, q, mode: str = "market", eps: float = 0.01, penalty: floa
     q = np.asarray(q, dtype=np.float64)
     ok = ~np.isnan(q)
     out = np.full(p.shape, default_penalty(mode, eps) if penalty is None else penalty)
-    qq = np.where(ok, q, 0.5)
-    val = -((qq - p) ** 2) - p * (1 - p) if mode == "outcome_brier" else log_score(p, qq, eps)
-    return np.where(ok, val, out)
+    return np.where(ok, _expected(p, np.where(ok, q, 0.5), mode, eps), out)

@@ -8,12 +8,14 @@ Draws depend only on (seed, step), so any step can be replayed.
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass
 
 import numpy as np
 
 from cluster.config import TaskConfig
 from rollout import questions as qio
+from rollout import splits
 from rollout import synthetic
 from rollout.questions import Question
 from rollout.scoring import Scorer
@@ -36,9 +38,8 @@ def load_pool(cfg: TaskConfig, split: str | None = None) -> list[Question]:
         return synthetic.questions(cfg.families, split or cfg.split)
     pool = qio.read_parquet(cfg.data)
     if cfg.train_before:
-        cut = np.datetime64(cfg.train_before)
-        wanted_train = (split or "train") == "train"
-        pool = [q for q in pool if q.as_of is not None and (np.datetime64(q.as_of) < cut) == wanted_train]
+        parts = splits.time_split(pool, dt.date.fromisoformat(cfg.train_before))
+        pool = parts.train if (split or "train") == "train" else parts.eval
     need = "market_prob" if cfg.reward == "market" else "outcome"
     usable = [q for q in pool if getattr(q, need) is not None]
     if not usable:
