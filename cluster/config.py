@@ -83,12 +83,17 @@ class GRPOConfig(_Strict):
 
     normalize_std: bool = True
     """Divide advantages by the group's std (DeepSeekMath); off = Dr. GRPO style mean-centring only."""
+    format_aware: bool = False
+    """Baseline and scale from a group's parseable answers; an unparseable one gets the group's lowest advantage
+    minus one unit (see learner/grpo.py)."""
     clip_eps_low: float = Field(0.2, ge=0.0)
     clip_eps_high: float = Field(0.28, ge=0.0)
     tis_cap: float | None = Field(2.0, gt=0.0)
     """Truncated importance sampling: per-token weight min(pi_learner / pi_sampler, cap); None turns it off."""
     kl_beta: float = Field(0.0, ge=0.0)
-    """Weight of the k3 KL to a frozen reference; 0 loads no reference model."""
+    """Weight of the k3 KL to a frozen reference (the starting model); 0 loads no reference model."""
+    kl_beta_end: float | None = Field(None, ge=0.0)
+    """If set, the KL weight goes linearly from kl_beta at the first step to this at the last (run.steps)."""
     loss_agg: Literal["token-mean", "seq-mean"] = "token-mean"
     updates_per_batch: int = Field(1, ge=1)
     """Optimizer steps per trajectory batch (mini-batches); >1 costs one extra forward pass for old logprobs."""
@@ -130,6 +135,8 @@ class RunConfig(_Strict):
     name: str = "demo"
     out_dir: str = "runs"
     steps: int = Field(100, ge=1)
+    max_minutes: float | None = Field(None, gt=0)
+    """Stop after this much wall time (counted from the first step), whatever `steps` says; then save and evaluate."""
     seed: int = 0
     save_every: int = Field(0, ge=0)
     """Checkpoint every N steps (0: only at the end)."""

@@ -6,7 +6,7 @@ For a group of G completions of one question with rewards r_1..r_G:
     A_i = (r_i - mean(r)) / (std(r) + 1e-6)      (normalize_std=True, DeepSeekMath; std is the unbiased one)
 
 A group whose rewards are all equal has A = 0 everywhere: it carries no signal, is counted, and is left out of the
-batch (it would only dilute the token mean).
+batch (it would only dilute the token mean), unless a KL or entropy term is on, which still has something to say.
 
 Per token t of completion i, with the learner's logprob l, the proximal (pre-update) logprob l_prox, and the
 logprob l_s under which the sampler actually drew the token:
@@ -35,8 +35,16 @@ import torch
 STD_EPS = 1e-6
 
 
-def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, normalize_std: bool):
-    """Advantages per completion, and a mask of completions whose group has zero reward variance."""
+def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, normalize_std: bool,
+                     parsed: torch.Tensor | None = None):
+    """Advantages per completion, and a mask of completions whose group has zero reward variance.
+
+    With `parsed` (format-aware): the group's baseline and scale come from its parseable answers only, and an
+    unparseable one gets the group's lowest advantage minus one scale unit, so one format slip no longer drags every
+    other answer of its group up.
+    """
+    if parsed is not None:
+        return _format_aware(rewards, group_ids, normalize_std, parsed)
     rewards = rewards.double()
     groups, inverse, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
     sums = torch.zeros(len(groups), dtype=torch.float64).index_add_(0, inverse, rewards)
@@ -49,6 +57,28 @@ def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, normalize_s
     zero_var = (rmax - rmin <= 1e-9)[inverse]
     adv = centred / (std[inverse] + STD_EPS) if normalize_std else centred
     adv = torch.where(zero_var, torch.zeros_like(adv), adv)
+    return adv.float(), zero_var
+
+
+def _format_aware(rewards, group_ids, normalize_std, parsed):
+    adv = torch.zeros(len(rewards), dtype=torch.float64)
+    zero_var = torch.zeros(len(rewards), dtype=torch.bool)
+    for g in torch.unique(group_ids):
+        idx = torch.nonzero(group_ids == g).squeeze(1)
+        r, ok = rewards[idx].double(), parsed[idx]
+        if r.max() - r.min() <= 1e-9:
+            zero_var[idx] = True
+            continue
+        a = torch.zeros_like(r)
+        scale = 1.0
+        if ok.sum() >= 2:
+            rp = r[ok]
+            std = rp.std()
+            a[ok] = (rp - rp.mean()) / (std + STD_EPS) if normalize_std else rp - rp.mean()
+            scale = 1.0 if normalize_std else float(std)
+        low = a[ok].min() if ok.any() else torch.tensor(0.0, dtype=torch.float64)
+        a[~ok] = low - scale
+        adv[idx] = a
     return adv.float(), zero_var
 
 

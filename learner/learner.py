@@ -111,7 +111,6 @@ class Learner:
             self.reference = deepspeed.initialize(model=ref, config=ref_config)[0] \
                 if cfg.learner.zero_stage == 3 else ref.to(self.device)
         self.steps_done = 0
-        self.stats: dict = {}
 
     @contextlib.contextmanager
     def _zero3_init(self, ds_config: dict):
@@ -171,11 +170,14 @@ class Learner:
         cfg, g = self.cfg, self.cfg.grpo
         batch = TrajectoryBatch.concat(list(batches))
         step = self.steps_done
+        parsed = torch.from_numpy(~np.isnan(batch.forecasts)) if g.format_aware else None
         adv, zero_var = grpo.group_advantages(torch.from_numpy(batch.rewards), torch.from_numpy(batch.group_ids),
-                                              g.normalize_std)
+                                              g.normalize_std, parsed)
         staleness = step - batch.policy_version.astype(np.int64)
         stale = staleness > cfg.sync.max_staleness
-        keep = np.nonzero(~zero_var.numpy() & ~stale)[0]
+        # zero-variance groups carry no policy-gradient signal; they are kept only for a KL or entropy term to act on
+        regularised = g.kl_beta > 0 or g.entropy_coef > 0
+        keep = np.nonzero((~zero_var.numpy() | regularised) & ~stale)[0]
         # mini-batches: one optimizer step each; with several, the ratio needs the pre-update logprobs
         plans = [(mini, self._plan(mini)) for mini in np.array_split(keep, g.updates_per_batch) if len(mini)]
         prox = self._proximal_logprobs(batch, plans) if len(plans) > 1 else None
@@ -203,6 +205,7 @@ class Learner:
             "loss": sums[0].item() / max(1, len(plans)),
             "clip_frac": sums[1].item() / tok,
             "kl": sums[3].item() / tok,
+            "kl_beta": self.kl_beta(),
             "entropy": sums[4].item() / tok,
             "is_weight_mean": sums[5].item() / tok,
             "grad_norm": float(np.mean(grad_norms)) if grad_norms else 0.0,
@@ -228,6 +231,13 @@ class Learner:
         batch.write_parquet(tmp, extra={"advantage": adv}, texts=texts)
         tmp.rename(out / f"step_{step:06d}.parquet")
 
+    def kl_beta(self) -> float:
+        g = self.cfg.grpo
+        if g.kl_beta_end is None:
+            return g.kl_beta
+        t = min(1.0, self.steps_done / max(1, self.cfg.run.steps - 1))
+        return g.kl_beta + t * (g.kl_beta_end - g.kl_beta)
+
     def _micro_step(self, batch, idx, adv, denom, weight, prox) -> torch.Tensor:
         g = self.cfg.grpo
         mb = self._micro(batch, idx)
@@ -239,7 +249,7 @@ class Learner:
             with torch.no_grad():
                 logp_ref, _ = self._logprobs(self.reference, mb)
         tl = grpo.token_loss(logp, logp_prox, mb.sampler_logprobs, a, eps_low=g.clip_eps_low,
-                             eps_high=g.clip_eps_high, tis_cap=g.tis_cap, logp_ref=logp_ref, kl_beta=g.kl_beta,
+                             eps_high=g.clip_eps_high, tis_cap=g.tis_cap, logp_ref=logp_ref, kl_beta=self.kl_beta(),
                              entropy=ent, entropy_coef=g.entropy_coef)
         # DeepSpeed averages gradients over ranks; the loss is this rank's share of the global sum
         loss = grpo.aggregate(tl.loss, mb.loss_mask, g.loss_agg, denom) * self.world_size * weight

@@ -106,3 +106,21 @@ def test_token_logprobs_with_temperature_and_entropy():
     ps = [math.exp(1.0) / z, 1.0 / z, math.exp(-0.5) / z]
     ent = grpo.token_entropy(logits, logz, temperature=2.0)
     assert ent.item() == pytest.approx(-sum(p * math.log(p) for p in ps), rel=1e-6)
+
+
+def test_format_aware_advantages():
+    r = torch.tensor([-0.5, -0.7, -9.21, -0.6, -1.0, -1.0, -9.21, -9.21])
+    g = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    parsed = torch.tensor([True, True, False, True, True, True, False, False])
+    adv, zero = grpo.group_advantages(r, g, normalize_std=True, parsed=parsed)
+    # group 0: parsed rewards -0.5, -0.7, -0.6: mean -0.6, unbiased std 0.1 -> +1, -1, 0; the failure: min - 1 = -2
+    assert adv[:4].tolist() == pytest.approx([1.0, -1.0, -2.0, 0.0], abs=1e-4)
+    # group 1: the two parsed answers tie (advantage 0); the failures sit one unit below
+    assert adv[4:].tolist() == pytest.approx([0.0, 0.0, -1.0, -1.0], abs=1e-6)
+    assert not zero.any()
+    adv, _ = grpo.group_advantages(r, g, normalize_std=False, parsed=parsed)
+    # without std: centred on the parsed mean, failures at min - std of the parsed rewards
+    assert adv[:4].tolist() == pytest.approx([0.1, -0.1, -0.2, 0.0], abs=1e-6)
+    _, zero = grpo.group_advantages(torch.full((4,), -9.21), torch.zeros(4, dtype=torch.long), True,
+                                    torch.zeros(4, dtype=torch.bool))
+    assert zero.all()
