@@ -3,16 +3,22 @@
 1. A byte-level BPE tokenizer trained here on the synthetic questions and some filler text, with a ChatML chat
    template in Qwen2.5's layout (`<|im_start|>role\\n...<|im_end|>\\n`), so the same prompt code serves real Qwen.
 2. A random-init `Qwen2ForCausalLM` (head_dim 64: vLLM's CPU attention rejects smaller heads; tied embeddings).
-3. A short supervised warm start on the answer *format*: targets are `<answer>q</answer>` with q uniformly random,
-   unrelated to the question, so the model answers in format but is uncalibrated. GRPO has to learn the rest.
-   With `lm_weight > 0` the prompt tokens are also trained on (plain language modelling), standing in for the
-   pretraining a real LLM has: the model learns to read the question, not yet what to answer.
+3. A short supervised warm start on the answer *format*: targets are `<answer>q</answer>` with q random and
+   unrelated to the true probability, so the model answers in format but is uncalibrated. GRPO has to learn the rest.
+   Two choices stand in for the pretraining a real LLM has, and both matter (bench/README.md has the measurements):
+   - each question gets its own random belief b (answers are b +- 0.15), as an LLM has an opinion about every
+     question. With answers drawn independently of the question instead, the warm start teaches the model to
+     ignore the question: its state at the answer is the same for every question (the spread across questions is
+     2e-6 of its norm), and no policy gradient learns past the best constant answer from there;
+   - the prompt tokens are trained on too (language modelling): the model reads the question.
+   A share of examples asks for reasoning first and answers after filler text: the long-completion shape.
 
 Nothing is downloaded. The result is a normal Hugging Face folder.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -60,10 +66,14 @@ class TinyModelSpec(BaseModel):
     sft_steps: int = 400
     sft_batch: int = 64
     sft_lr: float = 3e-3
-    lm_weight: float = 0.0
-    reasoning_fraction: float = 0.0
+    lm_weight: float = 1.0
+    reasoning_fraction: float = 0.2
     """Share of warm-start examples that use the reasoning prompt and write filler reasoning before the answer."""
-    builder_version: int = 1
+    belief_spread: float | None = 0.15
+    """None: every answer is uniformly random. A number: each question gets its own random 'belief' b ~ U(0.05,
+    0.95), unrelated to its true probability, and answers b +- belief_spread: the model has an opinion about each
+    question, as a pretrained LLM does, but an uncalibrated one."""
+    builder_version: int = 3
 
 
 def _random_answer(rng: random.Random) -> str:
@@ -72,17 +82,25 @@ def _random_answer(rng: random.Random) -> str:
 
 def _reasoning(rng: random.Random, question: str) -> str:
     words = question.replace("?", " ?").replace(".", " .").split()
-    filler = [rng.choice(words + _FILLER) for _ in range(rng.randint(40, 70))]
+    filler = [rng.choice(words + _FILLER) for _ in range(rng.randint(55, 75))]
     return "Let me think. " + " ".join(filler) + ". So the answer is "
 
 
-def _warm_start_examples(rng: random.Random, spec: TinyModelSpec):
-    pool = synthetic.questions(list(synthetic.FAMILIES), "train")
-    while True:
+def _belief_answer(rng: random.Random, qid: str, spec: TinyModelSpec) -> str:
+    belief = random.Random(f"{spec.seed}/{qid}").uniform(0.05, 0.95)
+    q = min(0.99, max(0.01, belief + rng.uniform(-spec.belief_spread, spec.belief_spread)))
+    return f"<answer>{q:.2f}</answer>"
+
+
+def _warm_start_batch(rng: random.Random, spec: TinyModelSpec, pool) -> list[tuple[str, str]]:
+    """One batch, all direct answers or all reasoning-first (so short batches are not padded to long ones)."""
+    reasoning = rng.random() < spec.reasoning_fraction
+    out = []
+    for _ in range(spec.sft_batch):
         q = rng.choice(pool)
-        reasoning = rng.random() < spec.reasoning_fraction
-        target = (_reasoning(rng, q.text) if reasoning else "") + _random_answer(rng)
-        yield prompts.user_message(q, reasoning), target
+        answer = _random_answer(rng) if spec.belief_spread is None else _belief_answer(rng, q.id, spec)
+        out.append((prompts.user_message(q, reasoning), (_reasoning(rng, q.text) if reasoning else "") + answer))
+    return out
 
 
 def build_tokenizer(spec: TinyModelSpec):
@@ -124,11 +142,17 @@ def build_model(spec: TinyModelSpec, tokenizer):
     return Qwen2ForCausalLM(cfg).float()
 
 
+@functools.lru_cache(maxsize=4096)
+def _prompt_ids(tokenizer, user: str) -> tuple[int, ...]:
+    text = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                         add_generation_prompt=True)
+    return tuple(tokenizer(text, add_special_tokens=False).input_ids)
+
+
 def _batch(tokenizer, examples, lm_weight: float):
     ids, weights = [], []
     for user, target in examples:
-        p = tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
-                                                    add_generation_prompt=True), add_special_tokens=False).input_ids
+        p = list(_prompt_ids(tokenizer, user))
         c = tokenizer(target, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
         ids.append(p + c)
         weights.append([lm_weight] * len(p) + [1.0] * len(c))
@@ -142,7 +166,7 @@ def _batch(tokenizer, examples, lm_weight: float):
 
 def warm_start(model, tokenizer, spec: TinyModelSpec, log=print) -> float:
     rng = random.Random(spec.seed + 1)
-    examples = _warm_start_examples(rng, spec)
+    pool = synthetic.questions(list(synthetic.FAMILIES), "train")
     opt = torch.optim.AdamW(model.parameters(), lr=spec.sft_lr, weight_decay=0.0)
     warm = max(1, spec.sft_steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -150,7 +174,7 @@ def warm_start(model, tokenizer, spec: TinyModelSpec, log=print) -> float:
     model.train()
     loss = torch.tensor(float("nan"))
     for step in range(spec.sft_steps):
-        input_ids, attn, w = _batch(tokenizer, [next(examples) for _ in range(spec.sft_batch)], spec.lm_weight)
+        input_ids, attn, w = _batch(tokenizer, _warm_start_batch(rng, spec, pool), spec.lm_weight)
         logits = model(input_ids=input_ids, attention_mask=attn).logits[:, :-1].float()
         nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), input_ids[:, 1:], reduction="none")
         weight = w[:, 1:]
