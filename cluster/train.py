@@ -99,6 +99,7 @@ class Driver:
     def __init__(self, cfg: JobConfig, run_dir: Path, stop: StopRequest):
         self.cfg, self.run_dir, self.stop = cfg, run_dir, stop
         self.t0 = time.perf_counter()
+        self.final_forecasts: dict = {}
 
     def start(self):
         from cluster import actors
@@ -125,8 +126,9 @@ class Driver:
         return [w.generate.remote([instances[i] for i in chunk])
                 for w, chunk in zip(self.workers, chunks) if len(chunk)]
 
-    def evaluate(self, questions) -> dict:
-        """Sampled forecasts from every worker's copy of the policy (questions split among them)."""
+    def evaluate(self, questions, keep: str | None = None) -> dict:
+        """Sampled forecasts from every worker's copy of the policy (questions split among them); `keep` names
+        the set for the final reliability diagram."""
         from cluster import actors
 
         cfg = self.cfg
@@ -135,6 +137,8 @@ class Driver:
                                                                          cfg.run.eval_samples))
                 for i, c in enumerate(chunks)]
         out = np.concatenate(actors.wait(refs, cfg.timeouts.generate_s, "evaluate"))
+        if keep:
+            self.final_forecasts[keep] = (evaluate.point_forecasts(out)[0], evaluate.truth(questions))
         return evaluate.summarize(questions, out, cfg.task.reward, cfg.task.clip_eps, cfg.task.format_penalty)
 
     def run(self) -> dict:
@@ -151,6 +155,7 @@ class Driver:
         summary["eval_before"] = {name: self.evaluate(qs) for name, qs in eval_sets.items()}
 
         version, pending, done = 0, None, 0
+        t_train = time.perf_counter()
         metrics_path = self.run_dir / "metrics.jsonl"
         bar = tqdm(total=cfg.run.steps, disable=not cfg.run.progress, file=sys.stderr, dynamic_ncols=True)
         first_reward = last_reward = None
@@ -190,17 +195,34 @@ class Driver:
                 if self.stop.requested:
                     bar.write(f"stopping after step {step} on request")
                     break
+                if cfg.run.max_minutes and time.perf_counter() - t_train > 60 * cfg.run.max_minutes:
+                    bar.write(f"stopping after step {step}: run.max_minutes={cfg.run.max_minutes} reached")
+                    break
         bar.close()
+        summary["train_wall_s"] = time.perf_counter() - t_train
         if version != done and not self.stop.requested:  # make the final weights the ones evaluated
             actors.wait(self.sync.broadcast(self.learners, self.workers, done), to.sync_s,
                         "broadcast weights")
         summary["checkpoint"] = self.save(done)
         if not self.stop.requested:
-            summary["eval_after"] = {name: self.evaluate(qs) for name, qs in eval_sets.items()}
+            summary["eval_after"] = {name: self.evaluate(qs, keep=name) for name, qs in eval_sets.items()}
         summary.update(steps=done, stopped_early=self.stop.requested, wall_s=time.perf_counter() - self.t0,
                        reward_first=first_reward, reward_last=last_reward)
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=_jsonable))
+        self.plot(summary)
         return summary
+
+    def plot(self, summary: dict) -> None:
+        from cluster import report
+
+        metrics = report.read_metrics(self.run_dir / "metrics.jsonl")
+        if metrics:
+            report.plot_learning_curve(metrics, summary["reference_levels"], self.run_dir / "learning_curve.png",
+                                       self.cfg.task.reward, self.run_dir.name)
+        if self.final_forecasts:
+            report.plot_reliability(self.final_forecasts, self.run_dir / "reliability.png",
+                                    ylabel="true probability p*", title=f"{self.run_dir.name}: mean forecast per "
+                                    "question after training")
 
     def _eval_sets(self) -> dict:
         cfg = self.cfg

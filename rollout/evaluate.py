@@ -39,6 +39,12 @@ def summarize(questions: list[Question], forecasts: np.ndarray, mode: str = "mar
         "format_fail_rate": float(1 - parsed.mean()),
         "skill": levels.skill(reward),
         "mean_abs_error": float(np.abs(forecasts[parsed] - pp[parsed]).mean()) if ce.size else float("nan"),
+        # every sampled answer against its question's true probability (a soft target)
+        "ece": ece(forecasts[parsed], pp[parsed]) if ce.size else float("nan"),
+        "sharpness": sharpness(forecasts[parsed]),
+        # does the policy answer the question or the base rate? (a constant forecaster has one value here)
+        "mean_forecast_by_truth": {f"{t:.3f}": float(np.nanmean(forecasts[p == t])) if parsed[p == t].any()
+                                   else None for t in np.unique(p)},
         **levels.as_dict(),
         "questions": len(questions),
         "samples": int(forecasts.size),
