@@ -34,7 +34,7 @@ def read_metrics(run_dir):
                        "sync.transport=object_store"], [0, 0, 0, 2, 2, 4], 2, 2),
     # ZeRO-3 over two learner ranks, collective (gloo) broadcast every step: fully on-policy
     ("zero3-collective", ["learner.zero_stage=3", "learner.world_size=2", "learner.num_cpus=0.5",
-                          "sync.transport=collective"], [0, 1, 2, 3, 4, 5], 0, 1),
+                          "sync.transport=collective", "sync.overlap=false"], [0, 1, 2, 3, 4, 5], 0, 1),
 ])
 def test_loop_runs_and_checkpoint_reloads(tmp_path, tiny_model, name, sets, expected_versions, bound, sync_every):
     steps = len(expected_versions)
