@@ -92,6 +92,9 @@ class GRPOConfig(_Strict):
     """Truncated importance sampling: per-token weight min(pi_learner / pi_sampler, cap); None turns it off."""
     kl_beta: float = Field(0.0, ge=0.0)
     """Weight of the k3 KL to a frozen reference (the starting model); 0 loads no reference model."""
+    kl_skip_unparsed: bool = False
+    """Exempt unparseable completions from the KL term. The k3 gradient on a sampled token the policy has made
+    rarer than the reference pushes it back up: with the anchor on, the warm start's junk tokens keep coming back."""
     kl_beta_end: float | None = Field(None, ge=0.0)
     """If set, the KL weight goes linearly from kl_beta at the first step to this at the last (run.steps)."""
     loss_agg: Literal["token-mean", "seq-mean"] = "token-mean"
@@ -126,7 +129,9 @@ class SyncConfig(_Strict):
     transport: Literal["object_store", "collective"] = "object_store"
     """object_store: ray.put of numpy arrays; collective: a gloo (CPU) / NCCL (GPU) broadcast group."""
     overlap: bool = False
-    """Generate the next batch while the learner trains (one step of staleness). False with every=1 is on-policy."""
+    """Generate the next batch while the learner trains (one step of staleness), and let the weight broadcast run
+    behind the next step. False with every=1 is on-policy. metrics.jsonl: sync_s is the driver's wait for the
+    broadcast (near 0 with overlap), weight_load_s the rollout worker's load of the weights its batch used."""
     max_staleness: int = Field(0, ge=0)
     """No trajectory older than this many learner steps is trained on (late ones are dropped and counted)."""
 

@@ -154,7 +154,7 @@ class Driver:
         summary: dict = {"run_dir": str(self.run_dir), "reference_levels": levels.as_dict() if levels else None}
         summary["eval_before"] = {name: self.evaluate(qs) for name, qs in eval_sets.items()}
 
-        version, pending, done = 0, None, 0
+        version, pending, done, syncing = 0, None, 0, []
         t_train = time.perf_counter()
         metrics_path = self.run_dir / "metrics.jsonl"
         bar = tqdm(total=cfg.run.steps, disable=not cfg.run.progress, file=sys.stderr, dynamic_ncols=True)
@@ -171,9 +171,14 @@ class Driver:
                 sync_s = 0.0
                 if (step + 1) % cfg.sync.every == 0:
                     t = time.perf_counter()
+                    actors.wait(syncing, to.sync_s, "broadcast weights")  # the previous one; long done by now
                     version = step + 1
-                    actors.wait(self.sync.broadcast(self.learners, self.workers, version), to.sync_s,
-                                "broadcast weights")
+                    syncing = self.sync.broadcast(self.learners, self.workers, version)
+                    # Each actor runs its calls in submission order, so the next generate on a worker starts
+                    # after this load and the next train step after this export: nothing needs to wait here.
+                    # Without overlap (fully on-policy) the step includes the whole broadcast.
+                    if not cfg.sync.overlap:
+                        actors.wait(syncing, to.sync_s, "broadcast weights")
                     sync_s = time.perf_counter() - t
                 m.update(step=step, policy_version=m.pop("sampler_policy_version"), sync_s=sync_s,
                          wall_s=time.perf_counter() - self.t0, step_s=time.perf_counter() - t_step)
@@ -199,6 +204,7 @@ class Driver:
                     bar.write(f"stopping after step {step}: run.max_minutes={cfg.run.max_minutes} reached")
                     break
         bar.close()
+        actors.wait(syncing, to.sync_s, "broadcast weights")
         summary["train_wall_s"] = time.perf_counter() - t_train
         if version != done and not self.stop.requested:  # make the final weights the ones evaluated
             actors.wait(self.sync.broadcast(self.learners, self.workers, done), to.sync_s,

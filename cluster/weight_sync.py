@@ -107,7 +107,10 @@ class ObjectStoreSync(WeightSync):
     def broadcast(self, learners, workers, version: int) -> list:
         exports = [lr.export_weights.remote() for lr in learners]  # every rank gathers; rank 0's holds the arrays
         loads = [w.load_weights.remote(exports[0], version) for w in workers]  # a ref, resolved in each worker
-        return list(zip(_names("learner rank", learners) + _names("rollout worker", workers), exports + loads))
+        # Rank 0's export is never waited on here: getting it would pull the whole model into the driver. A failed
+        # export fails every load that depends on it, so waiting on the loads surfaces it.
+        return list(zip(_names("learner rank", learners[1:], 1) + _names("rollout worker", workers),
+                        exports[1:] + loads))
 
 
 class CollectiveSync(WeightSync):

@@ -248,9 +248,13 @@ class Learner:
         if self.reference is not None:
             with torch.no_grad():
                 logp_ref, _ = self._logprobs(self.reference, mb)
+        kl_weight = None
+        if g.kl_skip_unparsed:
+            rows = torch.from_numpy(mb.rows)
+            kl_weight = torch.from_numpy(~np.isnan(batch.forecasts))[rows].float().to(self.device).unsqueeze(1)
         tl = grpo.token_loss(logp, logp_prox, mb.sampler_logprobs, a, eps_low=g.clip_eps_low,
                              eps_high=g.clip_eps_high, tis_cap=g.tis_cap, logp_ref=logp_ref, kl_beta=self.kl_beta(),
-                             entropy=ent, entropy_coef=g.entropy_coef)
+                             kl_weight=kl_weight, entropy=ent, entropy_coef=g.entropy_coef)
         # DeepSpeed averages gradients over ranks; the loss is this rank's share of the global sum
         loss = grpo.aggregate(tl.loss, mb.loss_mask, g.loss_agg, denom) * self.world_size * weight
         self.engine.backward(loss)
@@ -383,6 +387,7 @@ def rollout_stats(batch: TrajectoryBatch, zero_var: np.ndarray, cfg: JobConfig) 
         "tokens_generated": int(batch.completion_tokens),
         "truncated_rate": float(batch.truncated.mean()),
         "gen_s": float(batch.gen_seconds),
+        "weight_load_s": float(batch.load_seconds),
         "sampler_policy_version": int(batch.policy_version.min()),
     }
     if known.all():

@@ -34,6 +34,7 @@ class TrajectoryBatch:
     question_ids: np.ndarray  # str
     # batch level
     gen_seconds: float = 0.0
+    load_seconds: float = 0.0  # the weight load that preceded this batch on its worker (0: none yet)
 
     @property
     def num_sequences(self) -> int:
@@ -60,8 +61,8 @@ class TrajectoryBatch:
             if f.name == "offsets":
                 out[f.name] = np.concatenate([batches[0].offsets[:1]] + [b.offsets[1:] + s
                                                                          for b, s in zip(batches, seq_shift)])
-            elif f.name == "gen_seconds":
-                out[f.name] = max(b.gen_seconds for b in batches)
+            elif f.name in ("gen_seconds", "load_seconds"):
+                out[f.name] = max(getattr(b, f.name) for b in batches)
             else:
                 out[f.name] = np.concatenate([getattr(b, f.name) for b in batches])
         return TrajectoryBatch(**out)
@@ -111,7 +112,7 @@ class TrajectoryBuilder:
         for k, v in self._rows.items():
             v.append(row[k])
 
-    def build(self, gen_seconds: float = 0.0) -> TrajectoryBatch:
+    def build(self, gen_seconds: float = 0.0, load_seconds: float = 0.0) -> TrajectoryBatch:
         cat = lambda parts, dt: np.concatenate(parts) if parts else np.zeros(0, dt)  # noqa: E731
         r = self._rows
         return TrajectoryBatch(
@@ -121,4 +122,5 @@ class TrajectoryBuilder:
             group_ids=np.asarray(r["group_ids"], np.int64), policy_version=np.asarray(r["policy_version"], np.int32),
             forecasts=np.asarray(r["forecasts"], np.float32), targets=np.asarray(r["targets"], np.float32),
             p_true=np.asarray(r["p_true"], np.float32), truncated=np.asarray(r["truncated"], bool),
-            question_ids=np.asarray(r["question_ids"], dtype=str), gen_seconds=gen_seconds)
+            question_ids=np.asarray(r["question_ids"], dtype=str), gen_seconds=gen_seconds,
+            load_seconds=load_seconds)

@@ -32,6 +32,7 @@ class RolloutWorker:
                                       tensor_parallel_size=cfg.rollout.tensor_parallel_size)
         self.scorer = scorer(cfg.task)
         self.version = 0
+        self.load_seconds = 0.0
         self._prompt_cache: dict[str, list[int]] = {}
         self._receiver = None
 
@@ -68,7 +69,7 @@ class RolloutWorker:
                             rewards=reward, group_ids=inst.group_id, policy_version=self.version,
                             forecasts=np.nan if q is None else q, targets=inst.target, p_true=p_true,
                             truncated=s.truncated, question_ids=inst.question.id)
-        return builder.build(gen_seconds=time.perf_counter() - t0)
+        return builder.build(gen_seconds=time.perf_counter() - t0, load_seconds=self.load_seconds)
 
     def forecasts(self, questions: list[Question], n: int) -> np.ndarray:
         """[len(questions), n] parsed forecasts (NaN where unparseable): the evaluation's view of the policy."""
@@ -84,8 +85,9 @@ class RolloutWorker:
 
     def load_weights(self, payload: dict, version: int) -> int:
         """Object-store transport: payload is the learner's export, resolved zero-copy by Ray."""
+        t0 = time.perf_counter()
         engine.load_weights(self.llm, engine.as_tensors(payload["arrays"].items(), payload["dtypes"]))
-        self.version = version
+        self.version, self.load_seconds = version, time.perf_counter() - t0
         return version
 
     def join_weight_group(self, host: str, port: int, rank: int, world: int, manifest: list, timeout_s: float):
@@ -98,6 +100,7 @@ class RolloutWorker:
         """Collective transport: join the learner's broadcast and load what arrives."""
         if self._receiver is None:
             raise RuntimeError("receive_weights before join_weight_group")
+        t0 = time.perf_counter()  # includes waiting for the learner's gather: the collective's whole cost
         engine.load_weights(self.llm, self._receiver.receive())
-        self.version = version
+        self.version, self.load_seconds = version, time.perf_counter() - t0
         return version
