@@ -94,8 +94,10 @@ class TokenLoss:
 
 def token_loss(logp: torch.Tensor, logp_prox: torch.Tensor, logp_sampler: torch.Tensor, adv: torch.Tensor, *,
                eps_low: float, eps_high: float, tis_cap: float | None, logp_ref: torch.Tensor | None = None,
-               kl_beta: float = 0.0, entropy: torch.Tensor | None = None, entropy_coef: float = 0.0) -> TokenLoss:
-    """All inputs [B, T] (adv may be [B, 1]); see the module docstring for the formulas."""
+               kl_beta: float = 0.0, kl_weight: torch.Tensor | None = None, entropy: torch.Tensor | None = None,
+               entropy_coef: float = 0.0) -> TokenLoss:
+    """All inputs [B, T] (adv and kl_weight may be [B, 1]); see the module docstring for the formulas.
+    kl_weight scales the KL term per sequence (0 exempts a sequence from the anchor)."""
     adv = adv.expand_as(logp)
     ratio = torch.exp(logp - logp_prox)
     unclipped = ratio * adv
@@ -113,7 +115,7 @@ def token_loss(logp: torch.Tensor, logp_prox: torch.Tensor, logp_sampler: torch.
             raise ValueError("kl_beta > 0 needs the reference logprobs")
         d = logp_ref - logp
         kl = torch.exp(d) - d - 1.0
-        loss = loss + kl_beta * kl
+        loss = loss + kl_beta * (kl if kl_weight is None else kl * kl_weight)
     if entropy_coef > 0.0:
         if entropy is None:
             raise ValueError("entropy_coef > 0 needs the token entropies")

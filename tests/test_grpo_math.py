@@ -83,6 +83,19 @@ def test_k3_kl():
         grpo.token_loss(logp, logp, logp, torch.zeros(1, 1), eps_low=0.2, eps_high=0.2, tis_cap=None, kl_beta=0.1)
 
 
+def test_kl_weight_exempts_a_sequence_from_the_anchor():
+    logp = torch.tensor([[math.log(0.5)], [math.log(0.5)]], requires_grad=True)
+    ref = torch.tensor([[math.log(0.9)], [math.log(0.9)]])
+    out = grpo.token_loss(logp, logp.detach(), logp.detach(), torch.zeros(2, 1), eps_low=0.2, eps_high=0.2,
+                          tis_cap=None, logp_ref=ref, kl_beta=0.1, kl_weight=torch.tensor([[1.0], [0.0]]))
+    out.loss.sum().backward()
+    d = math.log(0.9) - math.log(0.5)
+    assert out.loss[0, 0].item() == pytest.approx(0.1 * (math.exp(d) - d - 1), rel=1e-5)
+    assert out.loss[1, 0].item() == 0.0 and logp.grad[1, 0].item() == 0.0
+    # k3's gradient on a token the policy made rarer than the reference pushes it back up (negative d loss/d logp)
+    assert logp.grad[0, 0].item() == pytest.approx(0.1 * (1 - math.exp(d)), rel=1e-5) and logp.grad[0, 0] < 0
+
+
 def test_aggregation_token_mean_and_seq_mean_with_masks():
     values = torch.tensor([[1.0, 2.0, 3.0, 99.0], [4.0, 5.0, 99.0, 99.0]])
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
