@@ -50,3 +50,9 @@ def test_missing_and_malformed_files(tmp_path):
 
 def test_defaults_are_valid():
     assert JobConfig().sync.every == 1
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "cluster/configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    cfg = load_config(path)
+    assert load_config(path, []) == cfg and cfg.run.name
