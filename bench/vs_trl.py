@@ -127,7 +127,7 @@ def learning(model: str, args, py: str, tmp: Path) -> tuple[float, float]:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(ROOT / "models/tiny"))
-    ap.add_argument("--steps", type=int, default=3000, help="steps of the learning run of each system")
+    ap.add_argument("--steps", type=int, default=3000, help="steps of the learning run of each system (0: timing only)")
     ap.add_argument("--timing-steps", type=int, default=100, help="steps of each timing run")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--long", action="store_true", help="also the >= 128-token reasoning shape (timing only)")
@@ -140,7 +140,7 @@ def main():
     if args.long:
         la, lb = timing("long: 64 completions of <= 192 tokens, reasoning first", args.model, args, py, tmp, True,
                         args.long_timing_steps)
-    s, t = learning(args.model, args, py, tmp)
+    s, t = learning(args.model, args, py, tmp) if args.steps else (float("nan"), float("nan"))
     if args.long:
         print(f"\nlong shape: sec_per_step ours {la:.3f} trl {lb:.3f} ratio {lb / la:.2f}")
     print(f"vs_trl: sec_per_step ours {a:.3f} trl {b:.3f} ratio {b / a:.2f}; skill ours {s:.2f} trl {t:.2f}")
