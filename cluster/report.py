@@ -63,20 +63,32 @@ def plot_learning_curve(metrics: list[dict], levels: dict | None, path: str | Pa
     if not metrics:
         raise ValueError("no metrics to plot")
     fig, (ax_r, ax_c) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
-    for key, label, style in (("reward_mean", "reward (sampled)", "-"), ("expected_reward", "expected reward", "--")):
+    window = max(1, len(metrics) // 50)
+    shown = []
+    for key, label, color in (("reward_mean", "reward (sampled)", "tab:blue"),
+                              ("expected_reward", "expected reward", "tab:cyan")):
         x, y = _series(metrics, key)
         if x.size:
-            ax_r.plot(x, y, style, label=label, color="tab:blue", alpha=1.0 if style == "-" else 0.7)
+            ax_r.plot(x, y, color=color, alpha=0.25, linewidth=0.7)
+            ax_r.plot(x, _rolling(y, window), color=color, label=f"{label}, mean of {window} steps")
+            shown.append(_rolling(y, window))
     if levels:
         for key, label, color in _LEVELS:
             if levels.get(key) is not None:
                 ax_r.axhline(levels[key], color=color, linestyle=":", label=f"{label} {levels[key]:.3f}")
+        if shown and levels.get("ref_random") is not None and levels.get("ref_floor") is not None:
+            # one format failure (-9.2) in a step would otherwise flatten the whole curve
+            low = min(levels["ref_random"], float(np.nanmin(np.concatenate(shown))))
+            pad = 0.1 * (levels["ref_floor"] - low)
+            ax_r.set_ylim(low - pad, levels["ref_floor"] + pad)
     ax_r.set_ylabel("reward")
     ax_r.legend(fontsize=8, loc="lower right")
     ax_r.grid(alpha=0.3)
     x, y = _series(metrics, "ce_mean")
     if x.size:
-        ax_c.plot(x, y, color="tab:purple", label="CE to target (parsed answers)")
+        ax_c.plot(x, y, color="tab:purple", alpha=0.25, linewidth=0.7)
+        ax_c.plot(x, _rolling(y, window), color="tab:purple", label=f"CE to target (parsed answers), mean of "
+                  f"{window} steps")
     if levels and levels.get("ref_floor") is not None and reward_mode in ("market", "outcome_log"):
         ax_c.axhline(-levels["ref_floor"], color="tab:green", linestyle=":",
                      label=f"floor: entropy of the targets {-levels['ref_floor']:.3f}")
@@ -86,6 +98,19 @@ def plot_learning_curve(metrics: list[dict], levels: dict | None, path: str | Pa
     ax_c.grid(alpha=0.3)
     fig.suptitle(title or "learning curve")
     return _save(fig, path)
+
+
+def _rolling(y: np.ndarray, window: int) -> np.ndarray:
+    """Trailing mean over `window` steps (fewer at the start), NaNs ignored."""
+    if window <= 1:
+        return y
+    ok = ~np.isnan(y)
+    c = np.concatenate([[0.0], np.cumsum(np.where(ok, y, 0.0))])
+    n = np.concatenate([[0], np.cumsum(ok)])
+    i = np.arange(1, len(y) + 1)
+    lo = np.maximum(0, i - window)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (c[i] - c[lo]) / (n[i] - n[lo])
 
 
 def _floats(values) -> np.ndarray:

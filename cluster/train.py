@@ -275,11 +275,20 @@ def print_summary(s: dict) -> None:
         after = s.get("eval_after", {}).get(name)
         line = f"{name:8s} skill {before['skill']:+.3f}"
         if after:
+            shrink = 1 - after["ce_minus_floor"] / before["ce_minus_floor"]
             line += f" -> {after['skill']:+.3f}   reward {before['reward']:.4f} -> {after['reward']:.4f}   " \
-                    f"CE-floor {before['ce_minus_floor']:.4f} -> {after['ce_minus_floor']:.4f}"
+                    f"CE-floor {before['ce_minus_floor']:.4f} -> {after['ce_minus_floor']:.4f} " \
+                    f"({100 * shrink:.0f}% of it closed)   format failures {100 * after['format_fail_rate']:.1f}%"
         print(line)
+        by_truth = (after or {}).get("mean_forecast_by_truth", {})
+        if name == "train" and 0 < len(by_truth) <= 12:
+            print("         mean forecast by true probability: " + ", ".join(
+                f"{float(k):.2f}: {v:.2f}" for k, v in by_truth.items() if v is not None))
     print("skill: share of the gap from the best constant answer to the entropy floor closed (0 = constant, 1 = p*)")
     print(f"checkpoint: {s.get('checkpoint')}")
+    plots = [p for p in ("learning_curve.png", "reliability.png") if (Path(s["run_dir"]) / p).exists()]
+    if plots:
+        print(f"plots: {', '.join(str(Path(s['run_dir']) / p) for p in plots)}")
     print(f"run folder: {s['run_dir']}")
 
 

@@ -86,3 +86,9 @@ def test_report_errors(tmp_path, run_dir, capsys):
         f.write("\n{}\n")  # the cut line is now in the middle: corrupt, not a crash at the end
     with pytest.raises(ValueError, match="metrics.jsonl:7: not JSON"):
         report.read_metrics(run_dir / "metrics.jsonl")
+
+
+def test_rolling_mean_is_trailing_and_skips_nan():
+    y = np.array([1.0, 3.0, np.nan, 5.0, 7.0])
+    assert report._rolling(y, 2) == pytest.approx([1.0, 2.0, 3.0, 5.0, 6.0])
+    assert report._rolling(y, 1) is y
