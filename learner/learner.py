@@ -170,9 +170,10 @@ class Learner:
         cfg, g = self.cfg, self.cfg.grpo
         batch = TrajectoryBatch.concat(list(batches))
         step = self.steps_done
-        parsed = torch.from_numpy(~np.isnan(batch.forecasts)) if g.format_aware else None
+        parsed = torch.from_numpy(~np.isnan(batch.forecasts))
         adv, zero_var = grpo.group_advantages(torch.from_numpy(batch.rewards), torch.from_numpy(batch.group_ids),
-                                              g.normalize_std, parsed)
+                                              g.normalize_std, parsed if g.format_aware else None)
+        kl_weight = parsed.float() if g.kl_skip_unparsed else None  # per sequence, like the advantages
         staleness = step - batch.policy_version.astype(np.int64)
         stale = staleness > cfg.sync.max_staleness
         # zero-variance groups carry no policy-gradient signal; they are kept only for a KL or entropy term to act on
@@ -189,7 +190,7 @@ class Learner:
         for mini, plan in plans:
             denom = float(seq_tokens[mini].sum()) if g.loss_agg == "token-mean" else float(len(mini))
             for idx, weight in plan:
-                sums += self._micro_step(batch, idx, adv, denom, weight, prox)
+                sums += self._micro_step(batch, idx, adv, kl_weight, denom, weight, prox)
             # ZeRO stage 0 computes the norm for clipping but does not keep it: take it before the step
             # (exact on one rank; on several it is this rank's norm before the all-reduce)
             local = None if self.cfg.learner.zero_stage else torch.nn.utils.get_total_norm(
@@ -238,23 +239,21 @@ class Learner:
         t = min(1.0, self.steps_done / max(1, self.cfg.run.steps - 1))
         return g.kl_beta + t * (g.kl_beta_end - g.kl_beta)
 
-    def _micro_step(self, batch, idx, adv, denom, weight, prox) -> torch.Tensor:
+    def _micro_step(self, batch, idx, adv, kl_weight, denom, weight, prox) -> torch.Tensor:
         g = self.cfg.grpo
         mb = self._micro(batch, idx)
-        a = adv[torch.from_numpy(mb.rows)].to(self.device).unsqueeze(1)
+        rows = torch.from_numpy(mb.rows)
+        a = adv[rows].to(self.device).unsqueeze(1)
+        kl_w = None if kl_weight is None else kl_weight[rows].to(self.device).unsqueeze(1)
         logp, ent = self._logprobs(self.engine, mb, "grad" if g.entropy_coef > 0 else "nograd")
         logp_prox = logp.detach() if prox is None else self._stack(prox, mb)
         logp_ref = None
         if self.reference is not None:
             with torch.no_grad():
                 logp_ref, _ = self._logprobs(self.reference, mb)
-        kl_weight = None
-        if g.kl_skip_unparsed:
-            rows = torch.from_numpy(mb.rows)
-            kl_weight = torch.from_numpy(~np.isnan(batch.forecasts))[rows].float().to(self.device).unsqueeze(1)
         tl = grpo.token_loss(logp, logp_prox, mb.sampler_logprobs, a, eps_low=g.clip_eps_low,
                              eps_high=g.clip_eps_high, tis_cap=g.tis_cap, logp_ref=logp_ref, kl_beta=self.kl_beta(),
-                             kl_weight=kl_weight, entropy=ent, entropy_coef=g.entropy_coef)
+                             kl_weight=kl_w, entropy=ent, entropy_coef=g.entropy_coef)
         # DeepSpeed averages gradients over ranks; the loss is this rank's share of the global sum
         loss = grpo.aggregate(tl.loss, mb.loss_mask, g.loss_agg, denom) * self.world_size * weight
         self.engine.backward(loss)
