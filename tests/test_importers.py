@@ -4,16 +4,17 @@ numbers verified by hand), synthetic ForecastBench edge cases, and JSONL / CSV w
 import collections
 import datetime as dt
 import json
-from pathlib import Path
 
 import pytest
 
 from cluster import cli
 from rollout import importers
 from rollout import questions as qio
+from tests.conftest import SHARED, needs_shared
 
-FB = Path(__file__).resolve().parents[2] / "shared" / "data" / "forecastbench"
+FB = SHARED / "data" / "forecastbench"
 QSET, RSET = FB / "2025-10-26-llm.json", FB / "2025-10-26_resolution_set.json"
+needs_sample = needs_shared(QSET)
 MARKETS = {"manifold", "metaculus", "polymarket", "infer"}
 NO_OUTCOME = "dataset source: no resolved outcome for this date (its value is a level, not a probability)"
 UNRESOLVED = "not resolved: resolved_to is a market value, not an outcome"
@@ -43,6 +44,7 @@ def fb():
     return importers.import_forecastbench(QSET, RSET)
 
 
+@needs_sample
 def test_forecastbench_counts(fb):
     qs, report = fb
     imported, no_outcome, unresolved = _expected_counts()
@@ -55,6 +57,7 @@ def test_forecastbench_counts(fb):
     assert no_outcome == 1019 and unresolved == 119 and len(qs) == 1227
 
 
+@needs_sample
 def test_forecastbench_markets(fb):
     qs, _ = fb
     raw = {(q["source"], q["id"]): q for q in json.loads(QSET.read_text())["questions"]}
@@ -77,6 +80,7 @@ def test_forecastbench_markets(fb):
     assert outcomes == {"manifold": 23, "metaculus": 11, "polymarket": 71, "infer": 7}  # 112, as in the README
 
 
+@needs_sample
 def test_forecastbench_dataset_questions(fb):
     qs, _ = fb
     data = [q for q in qs if q.source not in MARKETS]
@@ -89,6 +93,7 @@ def test_forecastbench_dataset_questions(fb):
     assert fred.resolution_date == dt.date(2025, 11, 2)
 
 
+@needs_sample
 def test_forecastbench_without_resolutions():
     qs, report = importers.import_forecastbench(QSET)
     assert dict(report.imported) == {"manifold": 77, "metaculus": 76, "polymarket": 76, "infer": 21}
@@ -161,6 +166,7 @@ def test_forecastbench_not_a_question_set(tmp_path):
         importers.import_forecastbench(bad)
 
 
+@needs_sample
 def test_import_command(tmp_path, capsys):
     out = tmp_path / "fb.parquet"
     assert cli.main(["data", "import", "forecastbench", str(QSET), str(RSET), "-o", str(out)]) == 0
