@@ -35,7 +35,7 @@ class TaskConfig(_Strict):
 
     source: Literal["synthetic", "parquet"] = "synthetic"
     families: list[str] = ["dice"]
-    """Synthetic families to train on (`rollout/synthetic.py`: dice, two_dice, urn, coin, calc)."""
+    """Synthetic families to train on (`rollout/synthetic.py`: dice, dice_sizes, two_dice, urn, coin, calc)."""
     split: Literal["train", "heldout", "all"] = "train"
     """Which family parameters to draw from; `heldout` are the parameters never trained on."""
     data: str | None = None

@@ -23,10 +23,12 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -73,7 +75,12 @@ class TinyModelSpec(BaseModel):
     """None: every answer is uniformly random. A number: each question gets its own random 'belief' b ~ U(0.05,
     0.95), unrelated to its true probability, and answers b +- belief_spread: the model has an opinion about each
     question, as a pretrained LLM does, but an uncalibrated one."""
-    builder_version: int = 3
+    belief_from: Literal["question", "numbers"] = "numbers"
+    """`question`: b is drawn independently for each question (similar questions get unrelated opinions).
+    `numbers`: b is a random smooth function of the numbers in the question, drawn per question template
+    (sigmoid of a random linear function): similar questions get similar opinions, as in an LLM, still unrelated to
+    the true probability."""
+    builder_version: int = 4
 
 
 def _random_answer(rng: random.Random) -> str:
@@ -86,8 +93,21 @@ def _reasoning(rng: random.Random, question: str) -> str:
     return "Let me think. " + " ".join(filler) + ". So the answer is "
 
 
-def _belief_answer(rng: random.Random, qid: str, spec: TinyModelSpec) -> str:
-    belief = random.Random(f"{spec.seed}/{qid}").uniform(0.05, 0.95)
+def _belief(question: str, spec: TinyModelSpec) -> float:
+    # Keyed by the text: families share questions (a 6-sided die is in `dice` and `dice_sizes`), and one question
+    # must get one opinion.
+    if spec.belief_from == "question":
+        return random.Random(f"{spec.seed}/{question}").uniform(0.05, 0.95)
+    numbers = [int(x) for x in re.findall(r"\d+", question)]
+    template = re.sub(r"\d+", "#", question)
+    coef = random.Random(f"{spec.seed}/{template}")
+    z = coef.gauss(0, 1) + sum(coef.gauss(0, 1) * x / 10 for x in numbers)
+    z += random.Random(f"{spec.seed}/{question}").uniform(-1, 1)
+    return 0.05 + 0.9 / (1 + math.exp(-z))
+
+
+def _belief_answer(rng: random.Random, question: str, spec: TinyModelSpec) -> str:
+    belief = _belief(question, spec)
     q = min(0.99, max(0.01, belief + rng.uniform(-spec.belief_spread, spec.belief_spread)))
     return f"<answer>{q:.2f}</answer>"
 
@@ -98,7 +118,7 @@ def _warm_start_batch(rng: random.Random, spec: TinyModelSpec, pool) -> list[tup
     out = []
     for _ in range(spec.sft_batch):
         q = rng.choice(pool)
-        answer = _random_answer(rng) if spec.belief_spread is None else _belief_answer(rng, q.id, spec)
+        answer = _random_answer(rng) if spec.belief_spread is None else _belief_answer(rng, q.text, spec)
         out.append((prompts.user_message(q, reasoning), (_reasoning(rng, q.text) if reasoning else "") + answer))
     return out
 

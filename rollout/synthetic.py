@@ -20,13 +20,13 @@ from rollout.questions import Question
 _WORDS = {2: "twice", 3: "three times", 4: "four times", 5: "five times", 6: "six times", 7: "seven times"}
 
 
-def _dice(sides: tuple[int, ...]):
+def _dice(sides: tuple[int, ...], family: str = "dice"):
     for n in sides:
         for k in range(2, n + 1):
-            yield (f"dice/{n}/ge{k}", f"A fair {n}-sided die is rolled. What is the probability the result is at "
+            yield (f"{family}/{n}/ge{k}", f"A fair {n}-sided die is rolled. What is the probability the result is at "
                    f"least {k}?", Fraction(n - k + 1, n))
         for k in range(1, n):
-            yield (f"dice/{n}/le{k}", f"A fair {n}-sided die is rolled. What is the probability the result is at "
+            yield (f"{family}/{n}/le{k}", f"A fair {n}-sided die is rolled. What is the probability the result is at "
                    f"most {k}?", Fraction(k, n))
 
 
@@ -63,8 +63,11 @@ def _calc(sides: tuple[int, ...]):
                    f"least one roll shows {n}?", 1 - Fraction(n - 1, n) ** m)
 
 
+# `dice` trains on one size (the TRL harness's task), so nothing in it teaches what the size means; `dice_sizes`
+# trains on the common polyhedral dice and holds out the sizes between them.
 FAMILIES = {
     "dice": (lambda: _dice((6,)), lambda: _dice((4, 8, 10, 12))),
+    "dice_sizes": (lambda: _dice((4, 6, 8, 10, 12, 20), "dice_sizes"), lambda: _dice((5, 7, 9, 11), "dice_sizes")),
     "two_dice": (lambda: _two_dice((6,)), lambda: _two_dice((4,))),
     "urn": (lambda: _urn((4, 5, 6, 8, 10)), lambda: _urn((7, 9))),
     "coin": (lambda: _coin((2, 3, 4, 6)), lambda: _coin((5, 7))),
@@ -79,14 +82,18 @@ def questions(families: list[str], split: str = "train") -> list[Question]:
         raise ValueError(f"unknown synthetic families {unknown}; known: {sorted(FAMILIES)}")
     if split not in ("train", "heldout", "all"):
         raise ValueError(f"split must be train, heldout or all, not {split!r}")
+    # Held out means never trained on: a held-out question of one family may be a training question of another
+    # (dice's 4-sided die is one of dice_sizes' training sizes), and it is dropped when both are chosen.
+    trained = {text for fam in families for _, text, _ in FAMILIES[fam][0]()} if split == "heldout" else set()
     out = []
     for fam in families:
         makers = FAMILIES[fam] if split == "all" else (FAMILIES[fam][split == "heldout"],)
         for make in makers:
             for qid, text, p in make():
                 assert 0 < p < 1, qid
-                out.append(Question(id=qid, text=text, source=f"synthetic/{fam}", market_prob=float(p),
-                                    p_true=float(p)))
+                if text not in trained:
+                    out.append(Question(id=qid, text=text, source=f"synthetic/{fam}", market_prob=float(p),
+                                        p_true=float(p)))
     return out
 
 
