@@ -3,13 +3,17 @@
 1. A byte-level BPE tokenizer trained here on the synthetic questions and some filler text, with a ChatML chat
    template in Qwen2.5's layout (`<|im_start|>role\\n...<|im_end|>\\n`), so the same prompt code serves real Qwen.
 2. A random-init `Qwen2ForCausalLM` (head_dim 64: vLLM's CPU attention rejects smaller heads; tied embeddings).
-3. A short supervised warm start on the answer *format*: targets are `<answer>q</answer>` with q random and
-   unrelated to the true probability, so the model answers in format but is uncalibrated. GRPO has to learn the rest.
-   Two choices stand in for the pretraining a real LLM has, and both matter (bench/README.md has the measurements):
-   - each question gets its own random belief b (answers are b +- 0.15), as an LLM has an opinion about every
-     question. With answers drawn independently of the question instead, the warm start teaches the model to
-     ignore the question: its state at the answer is the same for every question (the spread across questions is
-     2e-6 of its norm), and no policy gradient learns past the best constant answer from there;
+3. A short supervised warm start on the answer *format*: targets are `<answer>q</answer>` with q unrelated to the
+   true probability, so the model answers in format but is uncalibrated. GRPO has to learn the rest.
+   Three choices stand in for the pretraining a real LLM has, and all matter (bench/README.md has the measurements):
+   - each question gets a belief b (answers are b +- 0.15), as an LLM has an opinion about every question. With
+     answers drawn independently of the question instead, the warm start teaches the model to ignore the question:
+     its state at the answer is the same for every question (the spread across questions is 2e-6 of its norm),
+     and no policy gradient learns past the best constant answer from there;
+   - b is a random smooth function of the numbers in the question, so similar questions get similar (wrong)
+     opinions, as in an LLM. Drawn independently per question, b taught the model to hash each question to its
+     own answer, and what GRPO then learned did not carry over to die sizes never trained on (held-out skill
+     -0.08 against +0.73);
    - the prompt tokens are trained on too (language modelling): the model reads the question.
    A share of examples asks for reasoning first and answers after filler text: the long-completion shape.
 
