@@ -49,5 +49,7 @@ def test_shared_prompt_forward_matches_full_sequences(tiny_model):
         total = total + (comp * mb.loss_mask[row, :n]).sum()
     total.backward()
     for n, p in model.named_parameters():
-        assert torch.allclose(p.grad, shared_grads[n], atol=1e-5, rtol=1e-4), n
+        # fp32 sums in another order: the tolerance scales with the gradient's largest entry
+        scale = max(1.0, shared_grads[n].abs().max().item())
+        assert torch.allclose(p.grad, shared_grads[n], atol=1e-5 * scale, rtol=1e-4), n
     assert ent.shape == logp.shape and torch.all(ent[mb.loss_mask > 0] > 0)

