@@ -76,9 +76,9 @@ class TinyModelSpec(BaseModel):
     reasoning_fraction: float = 0.2
     """Share of warm-start examples that use the reasoning prompt and write filler reasoning before the answer."""
     belief_spread: float | None = 0.15
-    """None: every answer is uniformly random. A number: each question gets its own random 'belief' b ~ U(0.05,
-    0.95), unrelated to its true probability, and answers b +- belief_spread: the model has an opinion about each
-    question, as a pretrained LLM does, but an uncalibrated one."""
+    """None: every answer is uniformly random. A number: each question gets a 'belief' b in [0.05, 0.95] (how:
+    `belief_from`), unrelated to its true probability, and answers b +- belief_spread: the model has an opinion about
+    each question, as a pretrained LLM does, but an uncalibrated one."""
     belief_from: Literal["question", "numbers"] = "numbers"
     """`question`: b is drawn independently for each question (similar questions get unrelated opinions).
     `numbers`: b is a random smooth function of the numbers in the question, drawn per question template

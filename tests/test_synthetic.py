@@ -27,7 +27,8 @@ def test_dice_sizes_by_hand():
     qs = {q.id: q for q in synthetic.questions(["dice_sizes"], "all")}
     assert qs["dice_sizes/20/ge20"].p_true == pytest.approx(1 / 20)
     assert qs["dice_sizes/7/le3"].p_true == pytest.approx(3 / 7)
-    assert qs["dice_sizes/7/le3"].text == "A fair 7-sided die is rolled. What is the probability the result is at most 3?"
+    assert qs["dice_sizes/7/le3"].text == ("A fair 7-sided die is rolled. What is the probability the result is at "
+                                           "most 3?")
     sizes = {int(q.id.split("/")[1]) for q in synthetic.questions(["dice_sizes"], "train")}
     held = {int(q.id.split("/")[1]) for q in synthetic.questions(["dice_sizes"], "heldout")}
     # Held-out sizes lie between training sizes: the model can interpolate what n means, not guess it.
