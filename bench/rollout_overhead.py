@@ -73,7 +73,7 @@ def main():
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     raw = RawEngine.options(num_cpus=0.5).remote()
-    ours = ray.remote(RolloutWorker).options(num_cpus=0.5).remote(cfg, 0, "1")
+    ours = ray.remote(RolloutWorker).options(num_cpus=0.5).remote(cfg.rollout_job(), 0, "1")
     sink = Sink.options(num_cpus=0.1).remote()
     ray.get([raw.run.remote(), ours.ready.remote(), sink.consume.remote(ray.get(ours.generate.remote(instances)))])
     ray.get(raw.run.remote())  # both warmed up

@@ -68,7 +68,7 @@ def start_learners(cfg: JobConfig, pg, run_dir: str) -> list:
     env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
     return [_register(cls.options(num_cpus=cfg.learner.num_cpus, num_gpus=cfg.learner.num_gpus, max_restarts=0,
                                   scheduling_strategy=_on(pg, r), runtime_env=env)
-                      .remote(cfg, r, cfg.learner.world_size, host, port, run_dir), f"learner rank {r}")
+                      .remote(cfg.learner_job(), r, cfg.learner.world_size, host, port, run_dir), f"learner rank {r}")
             for r in range(cfg.learner.world_size)]
 
 
@@ -82,7 +82,7 @@ def start_workers(cfg: JobConfig, pg) -> list:
             core = cfg.rollout.cpu_cores[i] if cfg.rollout.cpu_cores else str(i % cores)
         workers.append(_register(cls.options(num_cpus=cfg.rollout.num_cpus, num_gpus=cfg.rollout.num_gpus,
                                              max_restarts=0, scheduling_strategy=_on(pg, cfg.learner.world_size + i))
-                                 .remote(cfg, i, core), f"rollout worker {i}"))
+                                 .remote(cfg.rollout_job(), i, core), f"rollout worker {i}"))
     return workers
 
 

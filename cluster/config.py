@@ -1,8 +1,11 @@
-"""The whole job's configuration: typed, documented here and nowhere else.
+"""The whole job's configuration: one typed, documented config.
 
-A job is described by one YAML file (see `cluster/configs/`) plus `--set a.b=c` overrides. Unknown keys and wrong
-types are errors that name the key and where it came from (the file or the `--set`). The resolved config is written
-to the run folder, so a run can always be repeated from its own `config.yaml`.
+Each role's sections are defined with the role (`rollout/config.py`: model, task, rollout; `learner/config.py`:
+grpo, learner; `tools/config.py`: tools); the sections that wire the roles together (sync, run, timeouts, ray) are
+here, and `JobConfig` composes them all. A job is described by one YAML file (see `cluster/configs/`) plus
+`--set a.b=c` overrides. Unknown keys and wrong types are errors that name the key and where it came from (the
+file or the `--set`). The resolved config is written to the run folder, so a run can always be repeated from its
+own `config.yaml`.
 """
 
 from __future__ import annotations
@@ -14,6 +17,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from learner.config import GRPOConfig, LearnerConfig, LearnerJob
+from rollout.config import ModelConfig, RolloutConfig, RolloutJob, TaskConfig
+from tools.config import ToolsConfig
+
 
 class ConfigError(ValueError):
     """A config that cannot run; the message names the key and its source."""
@@ -21,108 +28,6 @@ class ConfigError(ValueError):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class ModelConfig(_Strict):
-    path: str = "models/tiny"
-    """A local Hugging Face folder or a hub id (`Qwen/Qwen2.5-1.5B-Instruct` on a cluster)."""
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    """Parameter dtype of the learner and of the vLLM engine. fp32 on CPU; bf16 on GPUs."""
-
-
-class TaskConfig(_Strict):
-    """What the model is asked and how its answers are scored (`rollout/task.py`)."""
-
-    source: Literal["synthetic", "parquet"] = "synthetic"
-    families: list[str] = ["dice"]
-    """Synthetic families to train on (`rollout/synthetic.py`: dice, dice_sizes, two_dice, urn, coin, calc)."""
-    split: Literal["train", "heldout", "all"] = "train"
-    """Which family parameters to draw from; `heldout` are the parameters never trained on."""
-    data: str | None = None
-    """Parquet file of questions (schema: `rollout/questions.py`) when source is `parquet`."""
-    train_before: str | None = None
-    """Only questions with an as-of date before this date (ISO) are trained on; later ones are for evaluation."""
-    reward: Literal["market", "outcome_log", "outcome_brier"] = "market"
-    """market: -CE to the market / known probability; outcome_*: log or Brier score against the 0/1 outcome."""
-    outcome_noise: float = Field(0.0, ge=0.0, le=0.5)
-    """Synthetic only: std of the noise added to p* to make a noisy market (reward `market`)."""
-    clip_eps: float = Field(0.01, gt=0.0, lt=0.5)
-    """Forecasts are clipped to [clip_eps, 1 - clip_eps] before scoring."""
-    format_penalty: float | None = None
-    """Reward of an unparseable answer; default 2*log(clip_eps), below any parseable answer's log score."""
-    reasoning: bool = False
-    """False: the completion must be exactly `<answer>p</answer>`; True: the prompt asks for reasoning first and
-    the last answer tag counts (raise rollout.max_new_tokens to match)."""
-    mix: Literal["mixed", "one_family"] = "mixed"
-    """Questions per step: drawn from all families, or all from one family chosen per step."""
-
-
-class RolloutConfig(_Strict):
-    num_workers: int = Field(1, ge=1)
-    group_size: int = Field(8, ge=2)
-    """G: completions sampled per question; advantages are relative within the group."""
-    prompts_per_step: int = Field(8, ge=1)
-    temperature: float = Field(1.0, gt=0.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    max_new_tokens: int = Field(16, ge=1)
-    max_model_len: int = Field(512, ge=16)
-    tensor_parallel_size: int = Field(1, ge=1)
-    num_cpus: float = Field(0.5, ge=0.0)
-    """Ray CPUs per worker; fractional on small machines so the job never waits for cores that don't exist."""
-    num_gpus: float = Field(0.0, ge=0.0)
-    gpu_memory_utilization: float = Field(0.5, gt=0.0, le=1.0)
-    cpu_kvcache_gib: int = Field(1, ge=1)
-    """VLLM_CPU_KVCACHE_SPACE on CPU."""
-    cpu_cores: list[str] | None = None
-    """CPU only: VLLM_CPU_OMP_THREADS_BIND per worker (e.g. ["0", "1"]); default: worker i on core i mod cores."""
-    enforce_eager: bool = True
-
-
-class GRPOConfig(_Strict):
-    """The objective (`learner/grpo.py` has the formulas)."""
-
-    normalize_std: bool = True
-    """Divide advantages by the group's std (DeepSeekMath); off = Dr. GRPO style mean-centring only. With outcome
-    rewards turn it off: it scales outcome noise up to full-size advantages and the forecasts become overconfident
-    (ECE 0.25 vs 0.09 in bench/README.md)."""
-    format_aware: bool = False
-    """Baseline and scale from a group's parseable answers; an unparseable one gets the group's lowest advantage
-    minus one unit (see learner/grpo.py)."""
-    clip_eps_low: float = Field(0.2, ge=0.0)
-    clip_eps_high: float = Field(0.28, ge=0.0)
-    tis_cap: float | None = Field(2.0, gt=0.0)
-    """Truncated importance sampling: per-token weight min(pi_learner / pi_sampler, cap); None turns it off."""
-    kl_beta: float = Field(0.0, ge=0.0)
-    """Weight of the k3 KL to a frozen reference (the starting model); 0 loads no reference model."""
-    kl_skip_unparsed: bool = False
-    """Exempt unparseable completions from the KL term. The k3 gradient on a sampled token the policy has made
-    rarer than the reference pushes it back up: with the anchor on, the warm start's junk tokens keep coming back."""
-    kl_beta_end: float | None = Field(None, ge=0.0)
-    """If set, the KL weight goes linearly from kl_beta at the first step to this at the last (run.steps)."""
-    loss_agg: Literal["token-mean", "seq-mean"] = "token-mean"
-    updates_per_batch: int = Field(1, ge=1)
-    """Optimizer steps per trajectory batch (mini-batches); >1 costs one extra forward pass for old logprobs."""
-    entropy_coef: float = Field(0.0, ge=0.0)
-    """Bonus on the policy's token entropy (keeps a group's samples diverse)."""
-
-
-class LearnerConfig(_Strict):
-    world_size: int = Field(1, ge=1)
-    zero_stage: int = Field(0, ge=0, le=3)
-    lr: float = Field(1e-4, gt=0.0)
-    lr_schedule: Literal["constant", "cosine"] = "constant"
-    warmup_steps: int = Field(0, ge=0)
-    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    grad_clip: float = Field(1.0, gt=0.0)
-    micro_batch_size: int = Field(64, ge=1)
-    """Sequences per forward/backward; gradients accumulate over a step's micro-batches."""
-    gradient_checkpointing: bool = False
-    num_cpus: float = Field(1.0, ge=0.0)
-    num_gpus: float = Field(0.0, ge=0.0)
-    torch_threads: int | None = None
-    """CPU only: torch threads per learner rank (default: what Ray gives the actor, at least 1)."""
 
 
 class SyncConfig(_Strict):
@@ -184,6 +89,7 @@ class JobConfig(_Strict):
     run: RunConfig = RunConfig()
     timeouts: TimeoutConfig = TimeoutConfig()
     ray: RayConfig = RayConfig()
+    tools: ToolsConfig = ToolsConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> "JobConfig":
@@ -201,6 +107,14 @@ class JobConfig(_Strict):
         if self.grpo.updates_per_batch > 1 and batch // self.learner.world_size < self.grpo.updates_per_batch:
             raise ValueError("grpo.updates_per_batch exceeds the sequences each learner rank gets per step")
         return self
+
+    def rollout_job(self) -> RolloutJob:
+        return RolloutJob(model=self.model, task=self.task, rollout=self.rollout, tools=self.tools, seed=self.run.seed)
+
+    def learner_job(self) -> LearnerJob:
+        return LearnerJob(model=self.model, learner=self.learner, grpo=self.grpo, task=self.task,
+                          temperature=self.rollout.temperature, max_staleness=self.sync.max_staleness,
+                          total_steps=self.run.steps, trajectories_every=self.run.trajectories_every)
 
     def ray_address(self) -> str | None:
         return self.ray.address or os.environ.get("RAY_ADDRESS") or None

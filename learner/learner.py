@@ -22,9 +22,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from cluster.config import JobConfig
 from learner import forward, grpo
+from learner.config import LearnerJob
 from rollout.scoring import expected_reward, log_score
+from rollout import weights
 from rollout.trajectory import TrajectoryBatch
 
 
@@ -34,7 +35,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def deepspeed_config(cfg: JobConfig, on_gpu: bool) -> dict:
+def deepspeed_config(cfg: LearnerJob, on_gpu: bool) -> dict:
     lc = cfg.learner
     zero: dict = {"stage": lc.zero_stage}
     if lc.zero_stage == 3:
@@ -57,8 +58,8 @@ def deepspeed_config(cfg: JobConfig, on_gpu: bool) -> dict:
     }
 
 
-def lr_lambda(cfg: JobConfig):
-    lc, total = cfg.learner, cfg.run.steps
+def lr_lambda(cfg: LearnerJob):
+    lc, total = cfg.learner, cfg.total_steps
 
     def f(step: int) -> float:
         if lc.warmup_steps and step < lc.warmup_steps:
@@ -72,7 +73,7 @@ def lr_lambda(cfg: JobConfig):
 
 
 class Learner:
-    def __init__(self, cfg: JobConfig, rank: int = 0, world_size: int = 1, master_addr: str = "127.0.0.1",
+    def __init__(self, cfg: LearnerJob, rank: int = 0, world_size: int = 1, master_addr: str = "127.0.0.1",
                  master_port: int | None = None, run_dir: str | None = None):
         import deepspeed
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -141,7 +142,7 @@ class Learner:
         return plan
 
     def _logprobs(self, model, mb: forward.MicroBatch, entropy: str = "none"):
-        return forward.completion_logprobs(model, mb, self.cfg.rollout.temperature, entropy)
+        return forward.completion_logprobs(model, mb, self.cfg.temperature, entropy)
 
     def _micro(self, batch: TrajectoryBatch, idx: np.ndarray) -> forward.MicroBatch:
         return forward.build(batch, idx, self.tokenizer.pad_token_id or 0, self.device)
@@ -175,7 +176,7 @@ class Learner:
                                               g.normalize_std, parsed if g.format_aware else None)
         kl_weight = parsed.float() if g.kl_skip_unparsed else None  # per sequence, like the advantages
         staleness = step - batch.policy_version.astype(np.int64)
-        stale = staleness > cfg.sync.max_staleness
+        stale = staleness > cfg.max_staleness
         # zero-variance groups carry no policy-gradient signal; they are kept only for a KL or entropy term to act on
         regularised = g.kl_beta > 0 or g.entropy_coef > 0
         keep = np.nonzero((~zero_var.numpy() | regularised) & ~stale)[0]
@@ -218,7 +219,7 @@ class Learner:
             "train_s": time.perf_counter() - t0,
         }
         metrics.update(rollout_stats(batch, zero_var.numpy(), cfg))
-        every = cfg.run.trajectories_every
+        every = cfg.trajectories_every
         if self.rank == 0 and self.run_dir and every and step % every == 0:
             self._write_trajectories(batch, adv.numpy(), step)
         return metrics
@@ -236,7 +237,7 @@ class Learner:
         g = self.cfg.grpo
         if g.kl_beta_end is None:
             return g.kl_beta
-        t = min(1.0, self.steps_done / max(1, self.cfg.run.steps - 1))
+        t = min(1.0, self.steps_done / max(1, self.cfg.total_steps - 1))
         return g.kl_beta + t * (g.kl_beta_end - g.kl_beta)
 
     def _micro_step(self, batch, idx, adv, kl_weight, denom, weight, prox) -> torch.Tensor:
@@ -320,26 +321,20 @@ class Learner:
         return {"arrays": arrays, "dtypes": dtypes, "version": self.steps_done}
 
     def weight_group_address(self) -> tuple[str, int, list]:
-        from cluster.weight_sync import manifest_of
-
         import ray
 
-        return ray.util.get_node_ip_address(), free_port(), manifest_of(self.engine.module.named_parameters())
+        return ray.util.get_node_ip_address(), free_port(), weights.manifest_of(self.engine.module.named_parameters())
 
     def join_weight_group(self, host: str, port: int, world: int, timeout_s: float) -> int:
-        from cluster.weight_sync import CollectiveSender
-
         if self.rank == 0:
-            self._sender = CollectiveSender(host, port, world, timeout_s)
+            self._sender = weights.CollectiveSender(host, port, world, timeout_s)
         return self.rank
 
     def broadcast_weights(self) -> int:
         """Collective transport: every rank gathers bucket by bucket (ZeRO-3), rank 0 broadcasts each bucket."""
-        from cluster.weight_sync import buckets, manifest_of
-
         params = dict(self.engine.module.named_parameters())
         sent = 0
-        for dtype, items in buckets(manifest_of(params.items())):
+        for dtype, items in weights.buckets(weights.manifest_of(params.items())):
             ps = [params[name] for name, _, _ in items]
             with self._gathered(ps):
                 if self.rank == 0:
@@ -366,7 +361,7 @@ class Learner:
         return str(path)
 
 
-def rollout_stats(batch: TrajectoryBatch, zero_var: np.ndarray, cfg: JobConfig) -> dict:
+def rollout_stats(batch: TrajectoryBatch, zero_var: np.ndarray, cfg: LearnerJob) -> dict:
     """What the rollout produced this step (reward, CE to the true probability, format failures)."""
     parsed = ~np.isnan(batch.forecasts)
     eps = cfg.task.clip_eps

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cluster.config import TaskConfig
 from rollout import questions as qio
 from rollout import splits
 from rollout import synthetic
+from rollout.config import TaskConfig
 from rollout.questions import Question
 from rollout.scoring import Scorer
 

@@ -10,15 +10,15 @@ import time
 
 import numpy as np
 
-from cluster.config import JobConfig
-from rollout import engine, prompts
+from rollout import engine, prompts, weights
+from rollout.config import RolloutJob
 from rollout.questions import Question
 from rollout.task import Instance, scorer
 from rollout.trajectory import TrajectoryBatch, TrajectoryBuilder
 
 
 class RolloutWorker:
-    def __init__(self, cfg: JobConfig, worker_index: int = 0, cpu_core: str | None = None,
+    def __init__(self, cfg: RolloutJob, worker_index: int = 0, cpu_core: str | None = None,
                  model_path: str | None = None):
         engine.configure_env(cfg.rollout.cpu_kvcache_gib, cpu_core)
         from transformers import AutoTokenizer
@@ -27,7 +27,7 @@ class RolloutWorker:
         path = model_path or cfg.model.path
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.llm = engine.make_engine(path, dtype=cfg.model.dtype, max_model_len=cfg.rollout.max_model_len,
-                                      seed=cfg.run.seed + worker_index, enforce_eager=cfg.rollout.enforce_eager,
+                                      seed=cfg.seed + worker_index, enforce_eager=cfg.rollout.enforce_eager,
                                       gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
                                       tensor_parallel_size=cfg.rollout.tensor_parallel_size)
         self.scorer = scorer(cfg.task)
@@ -91,9 +91,7 @@ class RolloutWorker:
         return version
 
     def join_weight_group(self, host: str, port: int, rank: int, world: int, manifest: list, timeout_s: float):
-        from cluster.weight_sync import CollectiveReceiver
-
-        self._receiver = CollectiveReceiver(host, port, rank, world, manifest, timeout_s)
+        self._receiver = weights.CollectiveReceiver(host, port, rank, world, manifest, timeout_s)
         return rank
 
     def receive_weights(self, version: int) -> int:

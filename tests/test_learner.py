@@ -25,7 +25,7 @@ def _batch(tok, rewards_per_group, versions, answer="<answer>0.5</answer>"):
 @pytest.fixture(scope="module")
 def learner(tiny_model):
     return Learner(make_cfg(tiny_model, "learner.zero_stage=0", "sync.max_staleness=1", "sync.every=2",
-                            "learner.micro_batch_size=3"))
+                            "learner.micro_batch_size=3").learner_job())
 
 
 def test_drops_stale_and_zero_variance_groups(learner):

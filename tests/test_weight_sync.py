@@ -24,7 +24,7 @@ def _masked_gap(batch, learner_lp) -> float:
 @pytest.fixture(scope="module")
 def worker(ray_local, tiny_model):
     cfg = make_cfg(tiny_model)
-    w = ray_local.remote(RolloutWorker).options(num_cpus=0.5).remote(cfg, 0, "1")
+    w = ray_local.remote(RolloutWorker).options(num_cpus=0.5).remote(cfg.rollout_job(), 0, "1")
     ray_local.get(w.ready.remote(), timeout=300)
     yield w
     ray_local.kill(w)
@@ -34,7 +34,7 @@ def worker(ray_local, tiny_model):
 def test_logprobs_match_after_sync(ray_local, tiny_model, worker, transport, zero):
     cfg = make_cfg(tiny_model, f"sync.transport={transport}", f"learner.zero_stage={zero}", "learner.lr=0.01",
                    "grpo.normalize_std=false", "rollout.prompts_per_step=8")
-    learner = ray_local.remote(Learner).options(num_cpus=0.5).remote(cfg, 0, 1, "127.0.0.1", None, None)
+    learner = ray_local.remote(Learner).options(num_cpus=0.5).remote(cfg.learner_job(), 0, 1, "127.0.0.1", None, None)
     sync = weight_sync.make(transport, 120)
     actors.wait(sync.setup([learner], [worker]), 120, "join")
     # the worker may hold weights from an earlier test: start both sides equal

@@ -1,0 +1,82 @@
+"""The learner role's config sections: the GRPO objective and the DeepSpeed learner.
+
+`cluster/config.py` composes them into the job's one typed config (`JobConfig`); `LearnerJob` is the part of it a
+learner rank reads.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from rollout.config import ModelConfig, TaskConfig
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class GRPOConfig(_Strict):
+    """The objective (`learner/grpo.py` has the formulas)."""
+
+    normalize_std: bool = True
+    """Divide advantages by the group's std (DeepSeekMath); off = Dr. GRPO style mean-centring only. With outcome
+    rewards turn it off: it scales outcome noise up to full-size advantages and the forecasts become overconfident
+    (ECE 0.25 vs 0.09 in bench/README.md)."""
+    format_aware: bool = False
+    """Baseline and scale from a group's parseable answers; an unparseable one gets the group's lowest advantage
+    minus one unit (see learner/grpo.py)."""
+    clip_eps_low: float = Field(0.2, ge=0.0)
+    clip_eps_high: float = Field(0.28, ge=0.0)
+    tis_cap: float | None = Field(2.0, gt=0.0)
+    """Truncated importance sampling: per-token weight min(pi_learner / pi_sampler, cap); None turns it off."""
+    kl_beta: float = Field(0.0, ge=0.0)
+    """Weight of the k3 KL to a frozen reference (the starting model); 0 loads no reference model."""
+    kl_skip_unparsed: bool = False
+    """Exempt unparseable completions from the KL term. The k3 gradient on a sampled token the policy has made
+    rarer than the reference pushes it back up: with the anchor on, the warm start's junk tokens keep coming back."""
+    kl_beta_end: float | None = Field(None, ge=0.0)
+    """If set, the KL weight goes linearly from kl_beta at the first step to this at the last (run.steps)."""
+    loss_agg: Literal["token-mean", "seq-mean"] = "token-mean"
+    updates_per_batch: int = Field(1, ge=1)
+    """Optimizer steps per trajectory batch (mini-batches); >1 costs one extra forward pass for old logprobs."""
+    entropy_coef: float = Field(0.0, ge=0.0)
+    """Bonus on the policy's token entropy (keeps a group's samples diverse)."""
+
+
+class LearnerConfig(_Strict):
+    world_size: int = Field(1, ge=1)
+    zero_stage: int = Field(0, ge=0, le=3)
+    lr: float = Field(1e-4, gt=0.0)
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = Field(1.0, gt=0.0)
+    micro_batch_size: int = Field(64, ge=1)
+    """Sequences per forward/backward; gradients accumulate over a step's micro-batches."""
+    gradient_checkpointing: bool = False
+    num_cpus: float = Field(1.0, ge=0.0)
+    num_gpus: float = Field(0.0, ge=0.0)
+    torch_threads: int | None = None
+    """CPU only: torch threads per learner rank (default: what Ray gives the actor, at least 1)."""
+
+
+class LearnerJob(_Strict):
+    """What a learner rank needs to know of the job (`JobConfig.learner_job()` builds it)."""
+
+    model: ModelConfig
+    learner: LearnerConfig
+    grpo: GRPOConfig
+    task: TaskConfig
+    """For the step metrics: the reward mode and clipping the rollout scored with."""
+    temperature: float
+    """rollout.temperature: the learner's logprobs are of the distribution the sampler drew from."""
+    max_staleness: int
+    """sync.max_staleness."""
+    total_steps: int
+    """run.steps: the length of the lr and KL schedules."""
+    trajectories_every: int
+    """run.trajectories_every."""

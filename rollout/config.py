@@ -1,0 +1,100 @@
+"""The rollout role's config sections: the model, the task, and how rollout workers sample.
+
+`cluster/config.py` composes these, the learner's and the tools' sections into the job's one typed config
+(`JobConfig`); `RolloutJob` is the part of it a rollout worker reads.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tools.config import ToolsConfig
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    path: str = "models/tiny"
+    """A local Hugging Face folder or a hub id (`Qwen/Qwen2.5-1.5B-Instruct` on a cluster)."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Parameter dtype of the learner and of the vLLM engine. fp32 on CPU; bf16 on GPUs."""
+
+
+class TaskConfig(_Strict):
+    """What the model is asked and how its answers are scored (`rollout/task.py`)."""
+
+    source: Literal["synthetic", "parquet"] = "synthetic"
+    families: list[str] = ["dice"]
+    """Synthetic families to train on (`rollout/synthetic.py`: dice, dice_sizes, two_dice, urn, coin, calc)."""
+    split: Literal["train", "heldout", "all"] = "train"
+    """Which family parameters to draw from; `heldout` are the parameters never trained on."""
+    data: str | None = None
+    """Parquet file of questions (schema: `rollout/questions.py`) when source is `parquet`."""
+    train_before: str | None = None
+    """Only questions with an as-of date before this date (ISO) are trained on; later ones are for evaluation."""
+    reward: Literal["market", "outcome_log", "outcome_brier"] = "market"
+    """market: -CE to the market / known probability; outcome_*: log or Brier score against the 0/1 outcome."""
+    outcome_noise: float = Field(0.0, ge=0.0, le=0.5)
+    """Synthetic only: std of the noise added to p* to make a noisy market (reward `market`)."""
+    clip_eps: float = Field(0.01, gt=0.0, lt=0.5)
+    """Forecasts are clipped to [clip_eps, 1 - clip_eps] before scoring."""
+    format_penalty: float | None = None
+    """Reward of an unparseable answer; default 2*log(clip_eps), below any parseable answer's log score."""
+    reasoning: bool = False
+    """False: the completion must be exactly `<answer>p</answer>`; True: the prompt asks for reasoning first and
+    the last answer tag counts (raise rollout.max_new_tokens to match)."""
+    mix: Literal["mixed", "one_family"] = "mixed"
+    """Questions per step: drawn from all families, or all from one family chosen per step."""
+    tools: list[Literal["wiki", "news"]] = []
+    """Tools the model may call (their schemas go to the chat template): `wiki` (a page as it stood on the as-of
+    date, and a search of the titles that existed then), `news` (dated news summaries up to the as-of date). Every
+    call's date is the question's as-of date, never the model's. [] = single-turn forecasts."""
+    tool_error_penalty: float = Field(0.0, ge=0.0)
+    """Subtracted from a trajectory's reward for each bad tool call (invalid JSON, unknown tool, bad arguments,
+    too many calls); 0 = the error message is the only consequence."""
+
+
+class RolloutConfig(_Strict):
+    num_workers: int = Field(1, ge=1)
+    group_size: int = Field(8, ge=2)
+    """G: completions sampled per question; advantages are relative within the group."""
+    prompts_per_step: int = Field(8, ge=1)
+    temperature: float = Field(1.0, gt=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_new_tokens: int = Field(16, ge=1)
+    max_model_len: int = Field(512, ge=16)
+    tensor_parallel_size: int = Field(1, ge=1)
+    num_cpus: float = Field(0.5, ge=0.0)
+    """Ray CPUs per worker; fractional on small machines so the job never waits for cores that don't exist."""
+    num_gpus: float = Field(0.0, ge=0.0)
+    gpu_memory_utilization: float = Field(0.5, gt=0.0, le=1.0)
+    cpu_kvcache_gib: int = Field(1, ge=1)
+    """VLLM_CPU_KVCACHE_SPACE on CPU."""
+    cpu_cores: list[str] | None = None
+    """CPU only: VLLM_CPU_OMP_THREADS_BIND per worker (e.g. ["0", "1"]); default: worker i on core i mod cores."""
+    enforce_eager: bool = True
+    max_turns: int = Field(4, ge=1)
+    """With tools: assistant turns per trajectory; the last one must answer (a tool call there ends it unanswered)."""
+    max_tool_calls: int = Field(4, ge=0)
+    """With tools: calls per trajectory; further calls get an error message as their response."""
+    max_trajectory_tokens: int = Field(1024, ge=16)
+    """With tools: model and tool tokens after the prompt, all turns together; beyond it the trajectory is cut
+    (truncated, counted by reason)."""
+    max_tool_response_tokens: int = Field(256, ge=16)
+    """A tool response is cut to this many tokens before it enters the conversation."""
+    trajectory_timeout_s: float = Field(120.0, gt=0)
+    """With tools: wall-clock deadline of one trajectory; a straggler ends as truncated (reason: deadline)."""
+
+
+class RolloutJob(_Strict):
+    """What a rollout worker needs to know of the job (`JobConfig.rollout_job()` builds it)."""
+
+    model: ModelConfig
+    task: TaskConfig
+    rollout: RolloutConfig
+    tools: ToolsConfig
+    seed: int

@@ -1,0 +1,75 @@
+"""The tools' configuration: the Wikipedia-revision client and cache, the news corpus, the service.
+
+`tools/` is a leaf (it imports nothing from `rollout/`, `learner/` or `cluster/`), so its config lives here and
+`cluster/config.py` embeds it as the job's `tools:` section; `forecast-grpo wiki serve --config FILE` reads the
+same section from a job config.
+
+"As of a date D" means through the end of D in UTC: a revision stamped D 23:59:59Z is shown, one stamped the next
+second is not; news dated D is shown. Every tool answer carries the timestamps of what it shows.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class WikiConfig(_Strict):
+    endpoint: str = "https://en.wikipedia.org/w/api.php"
+    """The MediaWiki Action API to read revisions from. Callers never supply URLs; only this one is fetched."""
+    user_agent: str = "forecast-grpo/0.1 (https://github.com/forecast-grpo/forecast-grpo)"
+    """Wikimedia asks every client for a descriptive User-Agent with contact details; `contact` is appended."""
+    contact: str = ""
+    """An e-mail address or URL where the operators of this job can be reached (appended to the User-Agent)."""
+    max_concurrency: int = Field(3, ge=1, le=3)
+    """Upstream requests in flight at once, per process (Wikimedia's etiquette: at most 3)."""
+    timeout_s: float = Field(10.0, gt=0)
+    """Every upstream request's timeout (connect, read, write and pool)."""
+    retries: int = Field(4, ge=0)
+    """Retries after a retryable failure (429, maxlag/ratelimited, 5xx, timeout, truncated JSON)."""
+    backoff_s: float = Field(1.0, ge=0)
+    """First retry delay; doubles each retry (with jitter), capped by max_backoff_s. A Retry-After header wins."""
+    max_backoff_s: float = Field(30.0, ge=0)
+    maxlag: int | None = Field(5, ge=0)
+    """Sent as `maxlag=`: the API refuses requests while its replicas lag more than this many seconds."""
+    cache: str = "runs/wiki-cache.sqlite"
+    """SQLite cache (WAL). A revision's text is stored once by revision id; (title, as-of date) maps to it."""
+    snapshot: str | None = None
+    """A Parquet snapshot (`forecast-grpo wiki snapshot export`) imported into the cache when the service starts."""
+    offline: bool = False
+    """Answer from the cache only; a miss is a tool error that says so (clusters ship a frozen snapshot)."""
+    text_max_tokens: int = Field(512, ge=16)
+    """Page text shown to the model is cut to this many tokens (counted with `tokenizer`)."""
+    tokenizer: str | None = None
+    """A Hugging Face tokenizer (folder or hub id) to count tokens with; None counts one token per 4 characters."""
+    search_limit: int = Field(5, ge=1, le=50)
+    """Titles a search returns at most."""
+
+
+class NewsConfig(_Strict):
+    corpus: str | None = None
+    """Parquet corpus of dated items (date, title, summary, source, url): `forecast-grpo news import`."""
+    window_days: int = Field(30, ge=1)
+    """Only items dated within this many days up to the as-of date (inclusive) are searched."""
+    limit: int = Field(5, ge=1, le=50)
+    """Items a search returns at most."""
+
+
+class ServiceConfig(_Strict):
+    host: str | None = None
+    """Address to bind. None: 127.0.0.1 for `forecast-grpo wiki serve`; the node's IP inside a Ray job."""
+    port: int = Field(0, ge=0, le=65535)
+    """0 picks a free port."""
+    num_cpus: float = Field(0.25, ge=0)
+    """Ray CPUs for the service actor inside a training job."""
+    request_timeout_s: float = Field(30.0, gt=0)
+    """A caller's (rollout worker's) timeout for one service request; a slow or dead service is a tool error."""
+
+
+class ToolsConfig(_Strict):
+    wiki: WikiConfig = WikiConfig()
+    news: NewsConfig = NewsConfig()
+    service: ServiceConfig = ServiceConfig()
