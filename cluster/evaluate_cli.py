@@ -1,17 +1,25 @@
 """`forecast-grpo eval`: a model's forecasts on a question file, scored beside the baselines it has to beat.
 
     forecast-grpo eval --model DIR --data EVAL.parquet [--samples N] [--train TRAIN.parquet | --base-rate P]
-                       [--baseline-model DIR] [--tools off] [-o OUTDIR] [--config YAML] [--set KEY=VALUE ...]
+                       [--baseline-model DIR] [--compare NAME=FILE ...] [--tools off] [-o OUTDIR]
+                       [--config YAML] [--set KEY=VALUE ...]
 
 The model samples N forecasts per question with the vLLM engine in this process (sampling, prompt and parsing
 settings come from the job config: `--config` / `--set`, as for `train`). Its forecast per question is the mean
 of its parsed samples. Baselines on the same questions: always 0.5, the training base rate, the market (scored
 against outcomes where they are known), and optionally another model (the untrained one), sampled the same way.
 
-Writes to OUTDIR (default: RUN/eval for a checkpoint RUN/checkpoints/STEP, else runs/eval/MODEL_NAME):
+`--compare NAME=FILE` adds a row for another system's published forecasts (`rollout/forecast_sets.py`: a ForecastBench
+forecast set, or a JSONL / CSV of id and forecast), scored on the questions it forecast: its `n` is how many, and a
+line under the table names its unmatched, invalid and duplicated rows. With `--compare`, `--model` may be left out:
+then no engine starts, and the table holds the compared systems and the baselines.
+
+Writes to OUTDIR (default: RUN/eval for a checkpoint RUN/checkpoints/STEP, else runs/eval/MODEL_NAME, or
+runs/eval/compare without --model):
     predictions.parquet            one row per question (`rollout.evaluate.predictions_table`)
     baseline_predictions.parquet   the same for --baseline-model
-    summary.json                   every metric of every forecaster, and how the run was made
+    summary.json                   every metric of every forecaster (a compared one's rows, matched or not, under
+                                   `forecast_set`), and how the run was made
 and prints the table. `forecast-grpo report RUN` draws the reliability diagram from RUN/eval/predictions.parquet.
 """
 
@@ -29,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from cluster.config import ConfigError, JobConfig, load_config
-from rollout import evaluate
+from rollout import evaluate, forecast_sets
 from rollout import questions as qio
 
 
@@ -54,7 +62,7 @@ def sample_forecasts(cfg: JobConfig, model: str, questions: list, n: int) -> np.
     from rollout.worker import RolloutWorker
 
     t0 = time.perf_counter()
-    worker = RolloutWorker(cfg, model_path=model)
+    worker = RolloutWorker(cfg.rollout_job(), model_path=model)
     out = worker.forecasts(questions, n)
     del worker
     gc.collect()
@@ -70,14 +78,35 @@ def _jsonable(v):
     return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
+def read_compared(items: list[str], questions: list, taken: list[str]) -> dict[str, forecast_sets.ForecastSet]:
+    """`--compare NAME=FILE` items -> row name -> forecast set. A set that forecasts none of the questions is an
+    error: it is for another question set, and a row of dashes would hide that."""
+    ids = [q.id for q in questions]
+    out = {}
+    for item in items:
+        name, sep, path = (x.strip() for x in item.partition("="))
+        if not sep or not name or not path:
+            raise ConfigError(f"--compare {item!r}: expected NAME=FILE")
+        if name in out or name in taken:
+            raise ConfigError(f"--compare {item!r}: the table already has a row {name!r}")
+        fs = forecast_sets.read_forecast_set(path)
+        coverage = fs.coverage(ids)
+        if not coverage["forecast"]:
+            raise ConfigError(f"--compare {item!r}: forecasts none of the questions in the data\n  "
+                              + forecast_sets.coverage_line(name, coverage))
+        out[name] = fs
+    return out
+
+
 @dataclass
 class Plan:
     cfg: JobConfig
     models: dict[str, str]
-    """Row name -> model path; the first is the model under evaluation."""
+    """Row name -> model path; the first is the model under evaluation (none when only comparing)."""
+    compared: dict[str, forecast_sets.ForecastSet]
     data: str
     questions: list
-    samples: int
+    samples: int | None
     out_dir: Path
     rate: float | None
     basis: str | None
@@ -88,13 +117,18 @@ def plan(args: argparse.Namespace) -> Plan:
     """Everything checked before an engine starts: a bad flag, config or file fails in seconds, not minutes."""
     if args.tools == "on":
         raise ConfigError("--tools on: tools are not available yet (a later issue); use --tools off")
+    if not args.model and not args.compare:
+        raise ConfigError("nothing to evaluate: give --model, --compare NAME=FILE, or both")
+    if args.baseline_model and not args.model:
+        raise ConfigError("--baseline-model is sampled beside --model: give --model too")
     cfg = load_config(args.config, args.set)
-    models = {"model": args.model}
+    models = {"model": args.model} if args.model else {}
     if args.baseline_model:
         models["baseline model"] = args.baseline_model
     for name, path in models.items():
         check_model(path, "--" + name.replace(" ", "-"))
-    cfg.model.path = args.model
+    if args.model:
+        cfg.model.path = args.model
     questions = qio.read_parquet(args.data)
     if not questions:
         raise ConfigError(f"{args.data}: no questions")
@@ -102,8 +136,10 @@ def plan(args: argparse.Namespace) -> Plan:
     if args.train:
         rate, basis = evaluate.base_rate(qio.read_parquet(args.train))
         basis = f"{basis} in {args.train}"
-    return Plan(cfg, models, args.data, questions, args.samples or cfg.run.eval_samples,
-                Path(args.out) if args.out else default_out_dir(args.model), rate, basis, args.bins)
+    # the baselines' row names, taken whatever the rate: a compared system must not share one
+    compared = read_compared(args.compare, questions, [*models, *evaluate.baselines(questions, 0.5)])
+    return Plan(cfg, models, compared, args.data, questions, (args.samples or cfg.run.eval_samples) if models else None,
+                Path(args.out) if args.out else default_out_dir(args.model or "compare"), rate, basis, args.bins)
 
 
 def run(p: Plan) -> dict:
@@ -119,6 +155,10 @@ def run(p: Plan) -> dict:
                           format_fail_rate=float(np.isnan(samples).mean()), path=path)
         if not np.isnan(evaluate.truth(questions)).any():  # the training reward's view: every sample scored
             per_sample[name] = evaluate.summarize(questions, samples, cfg.task.reward, eps, cfg.task.format_penalty)
+    for name, fs in p.compared.items():
+        forecast = evaluate.align_forecasts(questions, fs.forecasts)
+        rows[name] = dict(evaluate.score_forecasts(questions, forecast, eps, p.bins, missing="skip"),
+                          forecast_set=fs.coverage([q.id for q in questions]))
     for name, forecast in evaluate.baselines(questions, p.rate).items():
         rows[name] = evaluate.score_forecasts(questions, forecast, eps, p.bins, missing="skip")
 
@@ -131,18 +171,22 @@ def run(p: Plan) -> dict:
         "forecasters": rows,
         "per_sample": per_sample,
     }
+    p.out_dir.mkdir(parents=True, exist_ok=True)  # without a model no predictions were written there
     (p.out_dir / "summary.json").write_text(json.dumps(_jsonable(summary), indent=1))
     print(evaluate.format_table(rows))
+    for name in p.compared:
+        print(forecast_sets.coverage_line(name, rows[name]["forecast_set"]))
     if p.rate is None:
         print("no base-rate baseline: give --train TRAIN.parquet or --base-rate P")
-    print(f"wrote {p.out_dir}/summary.json and the predictions")
+    print(f"wrote {p.out_dir}/summary.json" + (" and the predictions" if p.models else ""))
     return summary
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="forecast-grpo eval", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="model folder (a training checkpoint or a Hugging Face folder)")
+    ap.add_argument("--model", help="model folder (a training checkpoint or a Hugging Face folder); may be left out "
+                    "with --compare")
     ap.add_argument("--data", required=True, help="questions to evaluate on (Parquet, rollout/questions.py schema)")
     ap.add_argument("--samples", type=int, default=None, help="forecasts sampled per question (default: "
                     "run.eval_samples)")
@@ -150,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     rate.add_argument("--train", help="training questions: the base-rate baseline is their outcome frequency")
     rate.add_argument("--base-rate", type=float, help="the base-rate baseline's constant forecast")
     ap.add_argument("--baseline-model", help="also evaluate this model the same way (e.g. the untrained one)")
+    ap.add_argument("--compare", action="append", default=[], metavar="NAME=FILE",
+                    help="also score another system's published forecasts (a ForecastBench forecast set .json, or a "
+                    ".jsonl / .csv of id and forecast), as the row NAME")
     ap.add_argument("--tools", choices=["off", "on"], default="off", help="search tools for the model (not yet)")
     ap.add_argument("--bins", type=int, default=10, help="equal-width bins for the ECE")
     ap.add_argument("-o", "--out", help="output folder")

@@ -1,6 +1,7 @@
 """Scoring a policy's sampled forecasts on a fixed question set: against the three reference levels (`summarize`,
-for questions with a known probability), and beside baseline forecasters on real questions (`score_forecasts`:
-cross-entropy to the market, log and Brier scores on resolved questions, ECE, sharpness)."""
+for questions with a known probability), and beside baseline forecasters and other systems' published forecasts
+(`align_forecasts`) on real questions (`score_forecasts`: cross-entropy to the market, log and Brier scores on resolved
+questions, ECE, sharpness)."""
 
 from __future__ import annotations
 
@@ -89,6 +90,12 @@ def baselines(questions: list[Question], rate: float | None) -> dict[str, np.nda
         out["base rate"] = np.full(n, rate)
     out["market"] = np.array([np.nan if q.market_prob is None else q.market_prob for q in questions])
     return out
+
+
+def align_forecasts(questions: list[Question], forecasts: dict[str, float]) -> np.ndarray:
+    """Another system's forecasts by question id -> one per question, NaN where it gave none. Score them with
+    missing="skip": a comparison is fair only on the questions the system forecast (`n` in the table says how many)."""
+    return np.array([forecasts.get(q.id, np.nan) for q in questions], dtype=np.float64)
 
 
 def score_forecasts(questions: list[Question], forecast: np.ndarray, eps: float = 0.01, bins: int = 10,
