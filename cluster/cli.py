@@ -111,6 +111,8 @@ COMMANDS = {
     "report": ("cluster.report", "main", "plot a run: learning curve, reliability diagram"),
     "data": (None, _data, "import, validate and split question files"),
     "tiny-model": (None, _tiny_model, "build the tiny local model"),
+    "wiki": ("tools.cli", "wiki_main", "Wikipedia as of a date: get a page, serve the tools, cache snapshots"),
+    "news": ("tools.cli", "news_main", "import a news corpus for the news tool"),
 }
 
 

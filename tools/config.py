@@ -10,7 +10,7 @@ second is not; news dated D is shown. Every tool answer carries the timestamps o
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class _Strict(BaseModel):
@@ -47,6 +47,16 @@ class WikiConfig(_Strict):
     """A Hugging Face tokenizer (folder or hub id) to count tokens with; None counts one token per 4 characters."""
     search_limit: int = Field(5, ge=1, le=50)
     """Titles a search returns at most."""
+    search_candidates: int = Field(10, ge=1, le=50)
+    """Titles asked of the wiki's search per query. Each is checked as of the date (its creation, its text then),
+    which costs up to two upstream requests the first time, so more candidates mean slower cold searches."""
+
+    @field_validator("endpoint")
+    @classmethod
+    def _http_url(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL of a MediaWiki api.php")
+        return v
 
 
 class NewsConfig(_Strict):
