@@ -58,6 +58,8 @@ class RunConfig(_Strict):
     """Greedy-free sampled eval on held-out parameters every N steps (0: only before and after)."""
     eval_samples: int = Field(8, ge=1)
     """Samples per eval question."""
+    eval_max_questions: int | None = Field(None, ge=1)
+    """Evaluate on a fixed random subset of this many questions per set (None: all of them)."""
     progress: bool = True
 
 
@@ -72,11 +74,28 @@ class TimeoutConfig(_Strict):
     connect_s: float = Field(30.0, gt=0)
 
 
+class ClusterHardware(_Strict):
+    """The nodes `forecast-grpo plan` places the job on and checks its memory against (`cluster/placement.py`,
+    `cluster/memory.py`); the KubeRay manifests request the same. Nodes are alike. Ray itself is not told."""
+
+    nodes: int = Field(1, ge=1)
+    gpus_per_node: int = Field(8, ge=0)
+    gpu_memory_gib: float = Field(79.0, gt=0)
+    """One GPU's memory as CUDA reports it: an "80 GB" A100 or H100 reports 79-80 GiB."""
+    cpus_per_node: float = Field(64.0, gt=0)
+    """Ray CPUs a node advertises (a KubeRay pod's CPU limit)."""
+    cpu_memory_gib: float = Field(512.0, gt=0)
+    """Host memory of a node (a KubeRay pod's memory limit): offloaded optimizer states and CPU-only roles."""
+
+
 class RayConfig(_Strict):
     address: str | None = None
     """Cluster to join; None uses RAY_ADDRESS if set, else starts a local Ray."""
     num_cpus: int | None = None
     """Local Ray only: CPUs to advertise (default: this machine's)."""
+    dashboard: bool = False
+    """Local Ray only: start the Ray dashboard too (its URL is printed; the training metrics show there)."""
+    cluster: ClusterHardware = ClusterHardware()
 
 
 class JobConfig(_Strict):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from rollout.config import ModelConfig, TaskConfig
 
@@ -58,10 +58,25 @@ class LearnerConfig(_Strict):
     micro_batch_size: int = Field(64, ge=1)
     """Sequences per forward/backward; gradients accumulate over a step's micro-batches."""
     gradient_checkpointing: bool = False
+    offload_optimizer: bool = False
+    """ZeRO-Offload: the fp32 master weights, fp32 gradients and Adam moments live in (pinned) CPU memory and the
+    optimizer steps on the CPU; the GPU keeps the bf16 weights. For a learner whose optimizer states do not fit its
+    GPUs (`forecast-grpo plan` says); steps get slower. Needs zero_stage 1-3."""
+    offload_params: bool = False
+    """ZeRO-Infinity's parameter offload: the weight partitions live in CPU memory too, fetched layer by layer for
+    each forward and backward. Needs zero_stage 3."""
     num_cpus: float = Field(1.0, ge=0.0)
     num_gpus: float = Field(0.0, ge=0.0)
     torch_threads: int | None = None
     """CPU only: torch threads per learner rank (default: what Ray gives the actor, at least 1)."""
+
+    @model_validator(mode="after")
+    def _offload_needs_zero(self) -> "LearnerConfig":
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError(f"learner.offload_params needs learner.zero_stage 3 (got {self.zero_stage})")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("learner.offload_optimizer needs learner.zero_stage 1, 2 or 3 (got 0)")
+        return self
 
 
 class LearnerJob(_Strict):
