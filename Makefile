@@ -4,6 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 MODEL := models/tiny
+WORLD := models/tool-world
 # torch 2.13.0+cpu: from a local wheel directory where pip has one, else from PyTorch's CPU index.
 TORCH_PIP_ARGS ?= $(if $(wildcard /opt/wheels/torch-2.13.0+cpu*),,--index-url https://download.pytorch.org/whl/cpu)
 
@@ -21,8 +22,11 @@ $(STAMP): pyproject.toml
 	$(PY) -c "import vllm, ray, deepspeed, torch, transformers" 2>/dev/null
 	touch $(STAMP)
 
-model: $(STAMP)
+model: $(STAMP) $(WORLD)/wiki.parquet
 	$(VENV)/bin/forecast-grpo tiny-model $(MODEL)
+
+$(WORLD)/wiki.parquet: $(STAMP) rollout/tool_world.py
+	$(VENV)/bin/forecast-grpo tool-world $(WORLD)
 
 demo: model
 	$(VENV)/bin/forecast-grpo train --config cluster/configs/demo-cpu.yaml
@@ -31,4 +35,4 @@ test: model
 	$(PY) -m pytest -q tests
 
 clean:
-	rm -rf $(VENV) $(MODEL) runs
+	rm -rf $(VENV) $(MODEL) $(WORLD) runs

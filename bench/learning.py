@@ -1,12 +1,14 @@
 """Does GRPO learn? From the warm-started tiny model, train on synthetic questions for a wall-clock budget and report
 CE minus the entropy floor and skill before and after, on the training questions and on held-out parameters.
 
-    python bench/learning.py [--families dice_sizes] [--config cluster/configs/demo-cpu.yaml] [--minutes 15]
+    python bench/learning.py [--families dice_sizes] [--config cluster/configs/dice-cpu.yaml] [--minutes 15]
                              [--set k=v ...] [--label NAME]
+    python bench/learning.py --tools [--minutes 20]        # the tool benefit: the tool world, with and without tools
 
 The default family, dice_sizes, trains on 4-, 6-, 8-, 10-, 12- and 20-sided dice and holds out 5, 7, 9 and 11
 sides: the held-out figure says whether the model learned what the number of sides does. `--families dice` is the
-demo's (and the TRL peer's) six-sided die.
+TRL peer's six-sided die. `--tools` trains the demo's recipe (`cluster/configs/demo-cpu.yaml`: the tool world with
+the wiki tool) and evaluates the same model with its tools and without them, on training and held-out players.
 
 The run is the real job (`python -m cluster.train`: Ray, vLLM, DeepSpeed). Its last line is a Markdown table row
 (setting, skill train / held-out, CE-floor, steps, wall time) as kept in bench/README.md.
@@ -43,35 +45,45 @@ def run(config: str, minutes: float, sets: list[str], out_dir: str, name: str) -
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--families", default="dice_sizes", help="comma-separated synthetic families to train on")
-    ap.add_argument("--config", default=str(ROOT / "cluster/configs/demo-cpu.yaml"))
-    ap.add_argument("--minutes", type=float, default=15.0)
+    ap.add_argument("--tools", action="store_true", help="the tool benefit: the demo's tool-world recipe, 20 minutes")
+    ap.add_argument("--families", default=None, help="comma-separated synthetic families to train on "
+                    "(default: dice_sizes; with --tools: tool_world)")
+    ap.add_argument("--config", default=None, help="default: cluster/configs/dice-cpu.yaml, with --tools demo-cpu.yaml")
+    ap.add_argument("--minutes", type=float, default=None, help="training budget (default 15, with --tools 20)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--label", default=None, help="the setting's name in the table row (default: the --set list)")
     ap.add_argument("--out-dir", default=None, help="keep the run here (default: a temporary folder)")
     args = ap.parse_args()
 
+    config = args.config or str(ROOT / "cluster/configs" / ("demo-cpu.yaml" if args.tools else "dice-cpu.yaml"))
+    families = args.families or ("tool_world" if args.tools else "dice_sizes")
+    minutes = args.minutes or (20.0 if args.tools else 15.0)
     out_dir = args.out_dir or tempfile.mkdtemp(prefix="learning-")
-    sets = [f"task.families=[{args.families}]", *args.set]
-    s = run(args.config, args.minutes, sets, out_dir, "learning")
+    sets = [f"task.families=[{families}]", *args.set]
+    s = run(config, minutes, sets, out_dir, "learning")
     lv = s["reference_levels"]
     print(f"reference rewards: random {lv['ref_random']:.4f}, best constant {lv['ref_constant']:.4f}, "
           f"entropy floor {lv['ref_floor']:.4f}")
     print(f"{s['steps']} steps in {s['train_wall_s']:.0f}s of training ({s['process_wall_s']:.0f}s with start-up "
           f"and evaluations)")
+    if "tools" in s:
+        t = s["tools"]
+        print(f"tools during training: {t['tool_calls']} calls, {t['tool_errors']} errors, "
+              f"{t['leak_violations']} leak violations")
     cells = []
-    for split in ("train", "heldout"):
+    for split in s["eval_after"]:
         b, a = s["eval_before"][split], s["eval_after"][split]
         shrink = 1 - a["ce_minus_floor"] / b["ce_minus_floor"]
         print(f"{split:8s} CE-floor {b['ce_minus_floor']:.4f} -> {a['ce_minus_floor']:.4f} (gap shrinks "
               f"{100 * shrink:.0f}%)   skill {b['skill']:+.3f} -> {a['skill']:+.3f}   reward {b['reward']:.4f} -> "
               f"{a['reward']:.4f}")
-        print("         mean forecast by true probability: "
-              + ", ".join(f"{k}: {v:.2f}" for k, v in a["mean_forecast_by_truth"].items() if v is not None))
-        cells += [f"{a['skill']:+.2f}", f"{a['ce_minus_floor']:.3f}"]
+        by_truth = [(k, v) for k, v in a["mean_forecast_by_truth"].items() if v is not None]
+        if len(by_truth) <= 12:
+            print("         mean forecast by true probability: " + ", ".join(f"{k}: {v:.2f}" for k, v in by_truth))
+        cells.append(f"{a['skill']:+.2f} (CE−floor {a['ce_minus_floor']:.3f})")
     label = args.label or " ".join(sets)
-    print(f"| {label} | {cells[0]} | {cells[2]} | {cells[1]} | {cells[3]} | {s['steps']} | "
-          f"{s['train_wall_s'] / 60:.1f} min |")
+    print(f"| {label} | {' | '.join(cells)} | {s['steps']} | {s['train_wall_s'] / 60:.1f} min |  "
+          f"(columns: {', '.join(s['eval_after'])})")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def _tiny_model(argv: list[str]) -> int:
@@ -17,6 +18,20 @@ def _tiny_model(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     spec = tiny_model.TinyModelSpec(seed=args.seed)
     (tiny_model.build if args.force else tiny_model.ensure)(args.out, spec)
+    return 0
+
+
+def _tool_world(argv: list[str]) -> int:
+    from rollout import tool_world
+
+    ap = argparse.ArgumentParser(prog="forecast-grpo tool-world",
+                                 description="Write the synthetic tool world's wiki snapshot and news corpus (the "
+                                 "files the demo's tool service loads; rollout/tool_world.py).")
+    ap.add_argument("out", help="output folder: wiki.parquet and news.parquet")
+    args = ap.parse_args(argv)
+    wiki, news = tool_world.write_snapshot(Path(args.out) / "wiki.parquet"), tool_world.write_news(
+        Path(args.out) / "news.parquet")
+    print(f"wrote {wiki} and {news}")
     return 0
 
 
@@ -107,10 +122,12 @@ def _data(argv: list[str]) -> int:
 
 COMMANDS = {
     "train": ("cluster.train", "main", "train with GRPO on Ray"),
+    "plan": ("cluster.plan", "main", "placement and per-GPU memory of a config; refuses one that cannot fit"),
     "eval": ("cluster.evaluate_cli", "main", "score a model's forecasts on a question file, beside baselines"),
     "report": ("cluster.report", "main", "plot a run: learning curve, reliability diagram"),
     "data": (None, _data, "import, validate and split question files"),
     "tiny-model": (None, _tiny_model, "build the tiny local model"),
+    "tool-world": (None, _tool_world, "write the synthetic tool world's wiki snapshot and news corpus"),
     "wiki": ("tools.cli", "wiki_main", "Wikipedia as of a date: get a page, serve the tools, cache snapshots"),
     "news": ("tools.cli", "news_main", "import a news corpus for the news tool"),
 }

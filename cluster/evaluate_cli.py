@@ -1,7 +1,7 @@
 """`forecast-grpo eval`: a model's forecasts on a question file, scored beside the baselines it has to beat.
 
     forecast-grpo eval --model DIR --data EVAL.parquet [--samples N] [--train TRAIN.parquet | --base-rate P]
-                       [--baseline-model DIR] [--compare NAME=FILE ...] [--tools off] [-o OUTDIR]
+                       [--baseline-model DIR] [--compare NAME=FILE ...] [--tools on|off] [-o OUTDIR]
                        [--config YAML] [--set KEY=VALUE ...]
 
 The model samples N forecasts per question with the vLLM engine in this process (sampling, prompt and parsing
@@ -13,6 +13,10 @@ against outcomes where they are known), and optionally another model (the untrai
 forecast set, or a JSONL / CSV of id and forecast), scored on the questions it forecast: its `n` is how many, and a
 line under the table names its unmatched, invalid and duplicated rows. With `--compare`, `--model` may be left out:
 then no engine starts, and the table holds the compared systems and the baselines.
+
+`--tools on` lets the model call the tools of `task.tools` as in training (every sample a conversation, every call
+as of the question's date), with the tool service started in this process from the config's `tools:` section;
+`--tools off` asks without them. Without the flag the config decides.
 
 Writes to OUTDIR (default: RUN/eval for a checkpoint RUN/checkpoints/STEP, else runs/eval/MODEL_NAME, or
 runs/eval/compare without --model):
@@ -57,12 +61,14 @@ def check_model(path: str, flag: str) -> None:
                           "Qwen/Qwen2.5-1.5B-Instruct)")
 
 
-def sample_forecasts(cfg: JobConfig, model: str, questions: list, n: int) -> np.ndarray:
-    """[questions, n] forecasts from a fresh engine on `model`, released before returning (the next may need room)."""
+def sample_forecasts(cfg: JobConfig, model: str, questions: list, n: int, tool_url: str | None = None
+                     ) -> np.ndarray:
+    """[questions, n] forecasts from a fresh engine on `model`, released before returning (the next may need room).
+    With `task.tools` every sample is a conversation whose calls go to the tool service at `tool_url`."""
     from rollout.worker import RolloutWorker
 
     t0 = time.perf_counter()
-    worker = RolloutWorker(cfg.rollout_job(), model_path=model)
+    worker = RolloutWorker(cfg.rollout_job(), model_path=model, tool_url=tool_url)
     out = worker.forecasts(questions, n)
     del worker
     gc.collect()
@@ -115,8 +121,6 @@ class Plan:
 
 def plan(args: argparse.Namespace) -> Plan:
     """Everything checked before an engine starts: a bad flag, config or file fails in seconds, not minutes."""
-    if args.tools == "on":
-        raise ConfigError("--tools on: tools are not available yet (a later issue); use --tools off")
     if not args.model and not args.compare:
         raise ConfigError("nothing to evaluate: give --model, --compare NAME=FILE, or both")
     if args.baseline_model and not args.model:
@@ -129,6 +133,10 @@ def plan(args: argparse.Namespace) -> Plan:
         check_model(path, "--" + name.replace(" ", "-"))
     if args.model:
         cfg.model.path = args.model
+    if args.tools == "off":
+        cfg.task.tools = []
+    elif args.tools == "on" and not cfg.task.tools:
+        cfg.task.tools = ["wiki"]
     questions = qio.read_parquet(args.data)
     if not questions:
         raise ConfigError(f"{args.data}: no questions")
@@ -145,8 +153,20 @@ def plan(args: argparse.Namespace) -> Plan:
 def run(p: Plan) -> dict:
     cfg, questions, eps = p.cfg, p.questions, p.cfg.task.clip_eps
     rows, per_sample = {}, {}
+    service = None
+    if cfg.task.tools and p.models:
+        from tools.service import serve_in_thread
+
+        service = serve_in_thread(cfg.tools)
+        print(f"tools {', '.join(cfg.task.tools)}: the tool service answers at {service.url}", flush=True)
+    try:
+        sampled = {name: sample_forecasts(cfg, path, questions, p.samples, service and service.url)
+                   for name, path in p.models.items()}
+    finally:
+        if service is not None:
+            service.stop()
     for name, path in p.models.items():
-        samples = sample_forecasts(cfg, path, questions, p.samples)
+        samples = sampled[name]
         table = evaluate.predictions_table(questions, samples)
         qio.write_table(table, p.out_dir / ("predictions.parquet" if name == "model" else
                                             "baseline_predictions.parquet"))
@@ -167,6 +187,7 @@ def run(p: Plan) -> dict:
         "base_rate": None if p.rate is None else {"value": p.rate, "basis": p.basis},
         "sampling": {"temperature": cfg.rollout.temperature, "top_p": cfg.rollout.top_p,
                      "max_new_tokens": cfg.rollout.max_new_tokens, "reasoning": cfg.task.reasoning,
+                     "tools": cfg.task.tools,
                      "clip_eps": eps, "seed": cfg.run.seed},
         "forecasters": rows,
         "per_sample": per_sample,
@@ -197,7 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compare", action="append", default=[], metavar="NAME=FILE",
                     help="also score another system's published forecasts (a ForecastBench forecast set .json, or a "
                     ".jsonl / .csv of id and forecast), as the row NAME")
-    ap.add_argument("--tools", choices=["off", "on"], default="off", help="search tools for the model (not yet)")
+    ap.add_argument("--tools", choices=["off", "on"], default=None,
+                    help="let the model call the tools of task.tools (on: [wiki] if the config names none; the "
+                    "config's tools: section sets the service up), or not; default: as the config says")
     ap.add_argument("--bins", type=int, default=10, help="equal-width bins for the ECE")
     ap.add_argument("-o", "--out", help="output folder")
     ap.add_argument("--config", help="job config YAML for sampling and prompt settings (cluster/configs/*.yaml)")

@@ -13,19 +13,22 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import shutil
 import socket
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 
 from learner import forward, grpo
 from learner.config import LearnerJob
-from rollout.scoring import expected_reward, log_score
+from learner.storage import RunStorage
 from rollout import weights
+from rollout.scoring import expected_reward, log_score
 from rollout.trajectory import TrajectoryBatch
 
 
@@ -42,6 +45,10 @@ def deepspeed_config(cfg: LearnerJob, on_gpu: bool) -> dict:
         zero.update({"stage3_gather_16bit_weights_on_model_save": False, "overlap_comm": on_gpu})
     elif lc.zero_stage in (1, 2):
         zero["overlap_comm"] = False
+    if lc.offload_optimizer:  # on GPUs DeepSpeed then steps with its CPU Adam (fp32 moments)
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if lc.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
     return {
         "train_micro_batch_size_per_gpu": lc.micro_batch_size,
         "gradient_accumulation_steps": 1,
@@ -79,7 +86,7 @@ class Learner:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
-        self.run_dir = Path(run_dir) if run_dir else None
+        self.storage = RunStorage(run_dir) if run_dir else None
         self.on_gpu = torch.cuda.is_available()
         if not self.on_gpu:
             threads = cfg.learner.torch_threads or max(1, int(cfg.learner.num_cpus))
@@ -220,18 +227,15 @@ class Learner:
         }
         metrics.update(rollout_stats(batch, zero_var.numpy(), cfg))
         every = cfg.trajectories_every
-        if self.rank == 0 and self.run_dir and every and step % every == 0:
+        if self.rank == 0 and self.storage and every and step % every == 0:
             self._write_trajectories(batch, adv.numpy(), step)
         return metrics
 
     def _write_trajectories(self, batch: TrajectoryBatch, adv: np.ndarray, step: int) -> None:
         texts = [self.tokenizer.decode(batch.tokens[batch.sequence(i)][batch.prompt_lens[i]:])
                  for i in range(batch.num_sequences)]
-        out = self.run_dir / "trajectories"
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / f".step_{step:06d}.parquet"
-        batch.write_parquet(tmp, extra={"advantage": adv}, texts=texts)
-        tmp.rename(out / f"step_{step:06d}.parquet")
+        self.storage.write_bytes(f"trajectories/step_{step:06d}.parquet",
+                                 _parquet_bytes(batch.to_arrow(extra={"advantage": adv}, texts=texts)))
 
     def kl_beta(self) -> float:
         g = self.cfg.grpo
@@ -341,24 +345,69 @@ class Learner:
                     sent += self._sender.send_bucket(dtype, [p.detach() for p in ps])
         return sent
 
-    def save_checkpoint(self, path: str | Path) -> str | None:
-        """A Hugging Face folder (model + tokenizer), written to a temporary name and renamed when complete."""
-        path = Path(path)
+    def save_checkpoint(self, rel: str, *pending: TrajectoryBatch) -> dict[str, int]:
+        """Everything this rank needs to continue, under `rel` in the run folder: its DeepSpeed state (parameters,
+        optimizer, lr schedule), step and RNG; rank 0 also writes the Hugging Face folder (for `eval` and vLLM) and
+        the `pending` batches, generated for the next step (with overlap), so that a resumed run trains on exactly
+        them. Every rank must call it (ZeRO-3 gathers are collective). Returns the files written and their sizes;
+        the driver's marker, written once every rank is done, makes the checkpoint complete."""
         state = {}
         for chunk in self.named_weight_chunks():
             state.update(chunk)
-        if self.rank != 0:
-            return None
-        tmp = path.with_name(path.name + ".partial")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        module = self.engine.module
-        module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-        self.tokenizer.save_pretrained(tmp)
-        if path.exists():
-            shutil.rmtree(path)
-        tmp.rename(path)
-        return str(path)
+        with tempfile.TemporaryDirectory() as tmp:
+            ds = Path(tmp) / "deepspeed"
+            self.engine.save_checkpoint(str(ds), tag=DS_TAG, save_latest=False)
+            torch.save({"steps_done": self.steps_done, "torch_rng": torch.get_rng_state(),
+                        "numpy_rng": np.random.get_state()}, ds / f"rank_{self.rank}.pt")
+            files = {f"deepspeed/{k}": v for k, v in self.storage.upload(ds, f"{rel}/deepspeed").items()}
+            if self.rank == 0:
+                hf = Path(tmp) / "hf"
+                self.engine.module.save_pretrained(hf, state_dict=state, safe_serialization=True)
+                self.tokenizer.save_pretrained(hf)
+                files.update(self.storage.upload(hf, rel))
+                if pending:
+                    data = _parquet_bytes(TrajectoryBatch.concat(list(pending)).to_arrow())
+                    self.storage.write_bytes(f"{rel}/{PENDING}", data)
+                    files[PENDING] = len(data)
+        return files
+
+    def load_checkpoint(self, rel: str) -> int:
+        """Continue from a complete checkpoint that `save_checkpoint` wrote (with the same world size). Each rank
+        reads the model states and its own shard only. Returns the step to continue from."""
+        def mine(name: str) -> bool:
+            base = os.path.basename(name)
+            return base in ("mp_rank_00_model_states.pt", f"rank_{self.rank}.pt") or \
+                base.startswith(f"zero_pp_rank_{self.rank}_")
+
+        with tempfile.TemporaryDirectory() as tmp:
+            self.storage.download(f"{rel}/deepspeed", tmp, keep=mine)
+            mine_state = Path(tmp) / f"rank_{self.rank}.pt"
+            if not mine_state.is_file():
+                raise RuntimeError(f"{self.storage.path(rel)} has no state for learner rank {self.rank}: it was "
+                                   "saved with another learner.world_size")
+            path, _ = self.engine.load_checkpoint(tmp, tag=DS_TAG, load_optimizer_states=True,
+                                                  load_lr_scheduler_states=True)
+            if path is None:
+                raise RuntimeError(f"DeepSpeed found no checkpoint in {self.storage.path(rel)}/deepspeed")
+            st = torch.load(mine_state, weights_only=False)
+        self.steps_done = st["steps_done"]
+        torch.set_rng_state(st["torch_rng"])
+        np.random.set_state(st["numpy_rng"])
+        return self.steps_done
+
+    def read_pending(self, rel: str) -> TrajectoryBatch:
+        """The batch a checkpoint kept for its next step (see save_checkpoint)."""
+        return TrajectoryBatch.from_arrow(pq.read_table(pa.BufferReader(self.storage.read_bytes(f"{rel}/{PENDING}"))))
+
+
+DS_TAG = "state"
+PENDING = "pending_batch.parquet"
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf)
+    return buf.getvalue().to_pybytes()
 
 
 def rollout_stats(batch: TrajectoryBatch, zero_var: np.ndarray, cfg: LearnerJob) -> dict:
@@ -383,7 +432,16 @@ def rollout_stats(batch: TrajectoryBatch, zero_var: np.ndarray, cfg: LearnerJob)
         "gen_s": float(batch.gen_seconds),
         "weight_load_s": float(batch.load_seconds),
         "sampler_policy_version": int(batch.policy_version.min()),
+        "turns_mean": float(batch.turns.mean()) if batch.num_sequences else 0.0,
+        "tool_calls": int(batch.tool_calls.sum()),
+        "tool_errors": int(batch.tool_errors.sum()),
+        "leak_violations": int(batch.leak_violations.sum()),
     }
+    stats = batch.tool_stats
+    if stats.get("cache_lookups"):
+        out["cache_hit_rate"] = stats["cache_hits"] / stats["cache_lookups"]
+    out.update({k: v for k, v in stats.items() if k.startswith(("tool_errors_", "dropped_"))})
+    out.update({f"end_{r}": int(n) for r, n in zip(*np.unique(batch.end_reason, return_counts=True)) if r != "answer"})
     if known.all():
         out["expected_reward"] = float(expected_reward(batch.p_true, batch.forecasts, cfg.task.reward, eps,
                                                        cfg.task.format_penalty).mean())

@@ -16,6 +16,20 @@
      -0.08 against +0.73);
    - the prompt tokens are trained on too (language modelling): the model reads the question.
    A share of examples asks for reasoning first and answers after filler text: the long-completion shape.
+4. Tool use, on questions shaped like the tool world's (`rollout/tool_world.py`) but about players made up afresh
+   for every example (random numbers and rules; never the world's players): with the tools in the prompt, most
+   examples call `wiki` for the player's page in Qwen2.5's format, read the page as the rollout renders it (or an
+   error, sometimes), and then answer; the rest answer at once. What is taught is the call and where the answer
+   goes, never the right answer: the answer after a page is `page_belief`, a random smooth function of the page's
+   number, unrelated to the probability it implies. So calls really happen from the first step on, and GRPO has to
+   learn what the page means. Three things were needed for the model to learn even this much:
+   - made-up players: the call is then a copy of the player in the question, which carries over to any player
+     (trained on the world's 64 named players the model put 0.11 of its probability on the right title, and
+     nothing on held-out ones), and a last phase of tool examples alone (`copy_steps`), where the copy is learned
+     at once, about 200 batches in;
+   - numbered players, not named ones (syllable names were never copied);
+   - a low language-modelling weight on tool examples' prompts and results (`tool_lm_weight`).
+   After it, the model writes the right title 98% of the time, for training and held-out players alike.
 
 Nothing is downloaded. The result is a normal Hugging Face folder.
 """
@@ -37,14 +51,47 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from rollout import prompts, synthetic
+from rollout import prompts, synthetic, tool_calls, tool_world
+from rollout.questions import Question
+from tools.wikitext import plain_text
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # Qwen2.5's tool-call markers are ordinary added tokens there, too.
 ADDED = ["<tool_call>", "</tool_call>"]
+# ChatML in Qwen2.5's layout, tools included: the tools in a `# Tools` block of the system turn, calls as
+# `<tool_call>` blocks in the assistant turn, results as `<tool_response>` blocks in one user turn. Qwen writes each
+# schema as a JSON line; this model reads every prompt token on a CPU, so its block has one short line per function
+# (`name(arguments): description`), from the same schemas. Without tools and without a system message nothing is
+# added, so a dice prompt is exactly the TRL harness's.
+TOOLS_POSTAMBLE = "\n</tools>\nCall one with <tool_call>\n{\"name\": ..., \"arguments\": {...}}\n</tool_call>"
 CHAT_TEMPLATE = (
+    "{%- if tools %}"
+    "{{- '<|im_start|>system\n' }}"
+    "{%- if messages[0].role == 'system' %}{{- messages[0].content + '\n\n' }}{%- endif %}"
+    "{{- '# Tools\n<tools>' }}"
+    "{%- for tool in tools %}{%- set f = tool.function if tool.function is defined else tool %}"
+    "{{- '\n' + f.name + '(' + (f.parameters.properties | list | join(', ')) + '): ' + f.description }}"
+    "{%- endfor %}"
+    "{{- " + repr(TOOLS_POSTAMBLE) + " + '<|im_end|>\n' }}"
+    "{%- elif messages[0].role == 'system' %}"
+    "{{- '<|im_start|>system\n' + messages[0].content + '<|im_end|>\n' }}"
+    "{%- endif %}"
     "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{%- if message.role == 'system' and loop.first %}"
+    "{%- elif message.role == 'tool' %}"
+    "{%- if loop.first or messages[loop.index0 - 1].role != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}"
+    "{{- '\n<tool_response>\n' + message.content + '\n</tool_response>' }}"
+    "{%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}{{- '<|im_end|>\n' }}{%- endif %}"
+    "{%- elif message.role == 'assistant' and message.tool_calls %}"
+    "{{- '<|im_start|>assistant' }}{%- if message.content %}{{- '\n' + message.content }}{%- endif %}"
+    "{%- for call in message.tool_calls %}{%- if call.function is defined %}{%- set call = call.function %}"
+    "{%- endif %}"
+    "{{- '\n<tool_call>\n{\"name\": \"' + call.name + '\", \"arguments\": ' + (call.arguments | tojson) + "
+    "'}\n</tool_call>' }}{%- endfor %}"
+    "{{- '<|im_end|>\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>\n' }}"
+    "{%- endif %}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
 )
@@ -63,13 +110,13 @@ class TinyModelSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     seed: int = 0
-    vocab_size: int = 512
+    vocab_size: int = 1024
     hidden_size: int = 128
     intermediate_size: int = 256
     num_layers: int = 2
     num_heads: int = 2
     num_kv_heads: int = 1
-    sft_steps: int = 400
+    sft_steps: int = 600
     sft_batch: int = 64
     sft_lr: float = 3e-3
     lm_weight: float = 1.0
@@ -84,7 +131,29 @@ class TinyModelSpec(BaseModel):
     `numbers`: b is a random smooth function of the numbers in the question, drawn per question template
     (sigmoid of a random linear function): similar questions get similar opinions, as in an LLM, still unrelated to
     the true probability."""
-    builder_version: int = 4
+    tool_fraction: float = 0.4
+    """Share of warm-start batches on made-up tool-world players (the rest are the other families)."""
+    copy_steps: int = 400
+    """Then this many batches of tool examples alone, at a constant `copy_lr`. Copying the player into the call is
+    learned all at once, about 200 such batches in (the loss falls from 0.21 to 0.11 within 50 batches; before,
+    the model writes the same number for every player); mixed into the cosine schedule above, 350 tool batches
+    taught no copy at all (0.0001 of the probability on the right title)."""
+    copy_lr: float = 1e-3
+    tool_batch: int = 32
+    """Examples per tool batch: they are five times as long as a direct answer."""
+    tool_prompt_rate: float = 0.9
+    """In those, the share with the tools in the prompt (the rest ask without them, as `eval --tools off` does)."""
+    tool_call_rate: float = 0.85
+    """With the tools in the prompt: the share of examples that call `wiki` before answering."""
+    tool_error_rate: float = 0.1
+    """Share of calls answered with an error (as the rollout renders them), after which the model still answers."""
+    tool_lm_weight: float = 0.1
+    """Language-modelling weight of a tool example's prompt and tool result. At lm_weight (1.0), the 200 tokens of
+    made-up numbers and dates drowned the answer's few: the answer after a page did not depend on the page at all
+    (0.37-0.44 for every number); at 0.1 it follows `page_belief` (0.17-0.83)."""
+    page_spread: float = 0.1
+    """After a page, the answer is `page_belief` of the page's number +- this."""
+    builder_version: int = 5
 
 
 def _random_answer(rng: random.Random) -> str:
@@ -97,43 +166,119 @@ def _reasoning(rng: random.Random, question: str) -> str:
     return "Let me think. " + " ".join(filler) + ". So the answer is "
 
 
-def _belief(question: str, spec: TinyModelSpec) -> float:
+def _belief(question: str, spec: TinyModelSpec, numbers: list[int] | None = None, template: str | None = None
+            ) -> float:
     # Keyed by the text: families share questions (a 6-sided die is in `dice` and `dice_sizes`), and one question
-    # must get one opinion.
+    # must get one opinion. A tool result gives its own numbers and template.
     if spec.belief_from == "question":
         return random.Random(f"{spec.seed}/{question}").uniform(0.05, 0.95)
-    numbers = [int(x) for x in re.findall(r"\d+", question)]
-    template = re.sub(r"\d+", "#", question)
+    numbers = [int(x) for x in re.findall(r"\d+", question)] if numbers is None else numbers
+    template = re.sub(r"\d+", "#", question) if template is None else template
     coef = random.Random(f"{spec.seed}/{template}")
     z = coef.gauss(0, 1) + sum(coef.gauss(0, 1) * x / 10 for x in numbers)
     z += random.Random(f"{spec.seed}/{question}").uniform(-1, 1)
     return 0.05 + 0.9 / (1 + math.exp(-z))
 
 
-def _belief_answer(rng: random.Random, question: str, spec: TinyModelSpec) -> str:
-    belief = _belief(question, spec)
+def page_belief(wins: int, spec: TinyModelSpec) -> float:
+    """The opinion the warm start gives a page saying `wins` of 10 faces win: a random smooth function of the number
+    (a sinusoid with a random phase), so the answer depends strongly on what the page says, as it does in an LLM
+    that read it, but not monotonically: unrelated to the probability it implies (`tests/test_tiny_model_beliefs.py`
+    checks). With beliefs that barely varied with the number, the answer was the same for every page and GRPO
+    learned the base rate, not the page."""
+    phase = random.Random(f"{spec.seed}/tool_world/page").uniform(0, 2 * math.pi)
+    return 0.5 + 0.35 * math.sin(1.1 * wins + phase)
+
+
+def _belief_answer(rng: random.Random, question: str, spec: TinyModelSpec, **page) -> str:
+    belief = _belief(question, spec, **page)
     q = min(0.99, max(0.01, belief + rng.uniform(-spec.belief_spread, spec.belief_spread)))
     return f"<answer>{q:.2f}</answer>"
 
 
-def _warm_start_batch(rng: random.Random, spec: TinyModelSpec, pool) -> list[tuple[str, str]]:
-    """One batch, all direct answers or all reasoning-first (so short batches are not padded to long ones)."""
-    reasoning = rng.random() < spec.reasoning_fraction
-    out = []
-    for _ in range(spec.sft_batch):
-        q = rng.choice(pool)
-        answer = _random_answer(rng) if spec.belief_spread is None else _belief_answer(rng, q.text, spec)
-        out.append((prompts.user_message(q, reasoning), (_reasoning(rng, q.text) if reasoning else "") + answer))
-    return out
+# A warm-start example is a list of (token ids, loss weight) segments, laid out exactly as a rollout lays them out.
+TOOL_ERRORS = ("error (unavailable): the tool service did not answer (ConnectError)",
+               "error (missing): no page titled '{title}'",
+               "error (not_yet): '{title}' had no revision by the end of {day}")
+Example = list[tuple[list[int], float]]
 
 
-def build_tokenizer(spec: TinyModelSpec):
+class _Examples:
+    def __init__(self, tokenizer, spec: TinyModelSpec):
+        from rollout.multiturn import ToolSuffix
+
+        self.tok, self.spec = tokenizer, spec
+        self.schemas = tool_calls.schemas(["wiki"])
+        self.suffix = ToolSuffix(tokenizer, self.schemas)
+        self.pool = [q for q in synthetic.questions(list(synthetic.FAMILIES), "train")
+                     if synthetic.family_of(q) != "tool_world"]
+
+    @functools.lru_cache(maxsize=8192)
+    def _prompt(self, q, reasoning: bool) -> tuple[int, ...]:
+        return tuple(prompts.chat_prompt_ids(self.tok, q, reasoning))
+
+    def _turn(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False).input_ids + [self.tok.eos_token_id]
+
+    def _answer(self, rng: random.Random, q, **page) -> str:
+        return _random_answer(rng) if self.spec.belief_spread is None else _belief_answer(rng, q.text, self.spec,
+                                                                                          **page)
+
+    def batch(self, rng: random.Random, tools_only: bool = False) -> list[Example]:
+        """One batch, all direct answers, all reasoning-first or all on the tool world (so short examples are not
+        padded to long ones)."""
+        lm = self.spec.lm_weight
+        if tools_only or rng.random() < self.spec.tool_fraction:
+            return [self._tool_example(rng) for _ in range(self.spec.tool_batch)]
+        reasoning = rng.random() < self.spec.reasoning_fraction
+        out = []
+        for _ in range(self.spec.sft_batch):
+            q = rng.choice(self.pool)
+            target = (_reasoning(rng, q.text) if reasoning else "") + self._answer(rng, q)
+            out.append([(list(self._prompt(q, reasoning)), lm), (self._turn(target), 1.0)])
+        return out
+
+    def _tool_example(self, rng: random.Random, call_tool: bool | None = None) -> Example:
+        """A made-up player. With the tools: call `wiki` for its page, then answer (or answer at once); without the
+        tools: answer."""
+        lm = self.spec.tool_lm_weight
+        player, day = tool_world.made_up_player(rng)
+        q = Question(id=f"made_up/{player.name}", text=tool_world.question_text(player.name), as_of=day)
+        tools = call_tool or (call_tool is None and rng.random() < self.spec.tool_prompt_rate)
+        prompt = [(prompts.chat_prompt_ids(self.tok, q, False, self.schemas if tools else None), lm)]
+        if not tools or (call_tool is None and rng.random() >= self.spec.tool_call_rate):
+            return prompt + [(self._turn(self._answer(rng, q)), 1.0)]
+        rule = player.rule_on(day)
+        call = json.dumps({"name": "wiki", "arguments": {"title": player.name}})
+        if rng.random() < self.spec.tool_error_rate:  # the call can fail: answer anyway
+            page = rng.choice(TOOL_ERRORS).format(title=player.name, day=day)
+            answer = self._answer(rng, q)
+        else:
+            body = {"title": player.name, "timestamp": f"{rule.since.isoformat()}T09:00:00Z",
+                    "text": plain_text(tool_world.page_wikitext(player, rule))}
+            page, _ = tool_calls.render("wiki", body, day)
+            q_page = page_belief(rule.wins, self.spec) + rng.uniform(-self.spec.page_spread, self.spec.page_spread)
+            answer = f"<answer>{min(0.99, max(0.01, q_page)):.2f}</answer>"
+        return prompt + [(self._turn(f"<tool_call>\n{call}\n</tool_call>"), 1.0), (self.suffix.ids([page]), lm),
+                         (self._turn(answer), 1.0)]
+
+    def corpus(self, n: int = 3000) -> list[str]:
+        """Whole tool conversations as text: the tokenizer learns their pieces."""
+        rng = random.Random(self.spec.seed)
+        return [self.tok.decode([i for seg, _ in self._tool_example(rng, call_tool=True) for i in seg])
+                for _ in range(n)]
+
+
+def build_tokenizer(spec: TinyModelSpec, conversations: list[str] = ()):
+    """Byte-level BPE on the questions, numbers and filler text, and on `conversations` (tool-world conversations
+    rendered by a first pass of this function: `_Examples.corpus`)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     rng = random.Random(spec.seed)
-    corpus = []
-    for q in synthetic.questions(list(synthetic.FAMILIES), "all"):
+    corpus = list(conversations)
+    # not the tool world's own questions: the made-up ones in `conversations` stand for them
+    for q in synthetic.questions([f for f in synthetic.FAMILIES if f != "tool_world"], "all"):
         for reasoning in (False, True):
             corpus.append(f"user\n{prompts.user_message(q, reasoning)}\nassistant\n{_random_answer(rng)}")
     corpus += [f"{i / 100:.2f} {i}/{j}" for i in range(101) for j in range(1, 21)]
@@ -166,20 +311,9 @@ def build_model(spec: TinyModelSpec, tokenizer):
     return Qwen2ForCausalLM(cfg).float()
 
 
-@functools.lru_cache(maxsize=4096)
-def _prompt_ids(tokenizer, user: str) -> tuple[int, ...]:
-    text = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
-                                         add_generation_prompt=True)
-    return tuple(tokenizer(text, add_special_tokens=False).input_ids)
-
-
-def _batch(tokenizer, examples, lm_weight: float):
-    ids, weights = [], []
-    for user, target in examples:
-        p = list(_prompt_ids(tokenizer, user))
-        c = tokenizer(target, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-        ids.append(p + c)
-        weights.append([lm_weight] * len(p) + [1.0] * len(c))
+def _batch(tokenizer, examples: list[Example]):
+    ids = [[i for seg, _ in ex for i in seg] for ex in examples]
+    weights = [[w for seg, w in ex for _ in seg] for ex in examples]
     width = max(map(len, ids))
     pad = tokenizer.pad_token_id
     input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids])
@@ -190,15 +324,20 @@ def _batch(tokenizer, examples, lm_weight: float):
 
 def warm_start(model, tokenizer, spec: TinyModelSpec, log=print) -> float:
     rng = random.Random(spec.seed + 1)
-    pool = synthetic.questions(list(synthetic.FAMILIES), "train")
+    examples = _Examples(tokenizer, spec)
     opt = torch.optim.AdamW(model.parameters(), lr=spec.sft_lr, weight_decay=0.0)
-    warm = max(1, spec.sft_steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / spec.sft_steps))))
+    warm, total = max(1, spec.sft_steps // 10), spec.sft_steps + spec.copy_steps
+
+    def lr(s: int) -> float:  # warm-up and cosine decay, then the copy phase's constant rate
+        if s >= spec.sft_steps:
+            return spec.copy_lr / spec.sft_lr
+        return min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / spec.sft_steps)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr)
     model.train()
     loss = torch.tensor(float("nan"))
-    for step in range(spec.sft_steps):
-        input_ids, attn, w = _batch(tokenizer, _warm_start_batch(rng, spec, pool), spec.lm_weight)
+    for step in range(total):
+        input_ids, attn, w = _batch(tokenizer, examples.batch(rng, tools_only=step >= spec.sft_steps))
         logits = model(input_ids=input_ids, attention_mask=attn).logits[:, :-1].float()
         nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), input_ids[:, 1:], reduction="none")
         weight = w[:, 1:]
@@ -208,8 +347,8 @@ def warm_start(model, tokenizer, spec: TinyModelSpec, log=print) -> float:
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        if step % 100 == 0 or step == spec.sft_steps - 1:
-            log(f"warm start step {step}/{spec.sft_steps} loss {loss.item():.4f}")
+        if step % 100 == 0 or step == total - 1:
+            log(f"warm start step {step}/{total} loss {loss.item():.4f}")
     model.eval()
     return float(loss.item())
 
@@ -221,7 +360,7 @@ def build(out_dir: str | os.PathLike, spec: TinyModelSpec = TinyModelSpec(), log
     out = Path(out_dir)
     t0 = time.time()
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    tokenizer = build_tokenizer(spec)
+    tokenizer = build_tokenizer(spec, _Examples(build_tokenizer(spec), spec).corpus())
     model = build_model(spec, tokenizer)
     nparams = sum(p.numel() for p in model.parameters())
     log(f"tiny model: vocab {len(tokenizer)}, {nparams:,} parameters")

@@ -49,10 +49,11 @@ class TaskConfig(_Strict):
     the last answer tag counts (raise rollout.max_new_tokens to match)."""
     mix: Literal["mixed", "one_family"] = "mixed"
     """Questions per step: drawn from all families, or all from one family chosen per step."""
-    tools: list[Literal["wiki", "news"]] = []
+    tools: list[Literal["wiki", "wiki_search", "news"]] = []
     """Tools the model may call (their schemas go to the chat template): `wiki` (a page as it stood on the as-of
-    date, and a search of the titles that existed then), `news` (dated news summaries up to the as-of date). Every
-    call's date is the question's as-of date, never the model's. [] = single-turn forecasts."""
+    date), `wiki_search` (the titles that existed then, with what they said then), `news` (dated news summaries up
+    to the as-of date). Every call's date is the question's as-of date, never the model's. [] = single-turn
+    forecasts."""
     tool_error_penalty: float = Field(0.0, ge=0.0)
     """Subtracted from a trajectory's reward for each bad tool call (invalid JSON, unknown tool, bad arguments,
     too many calls); 0 = the error message is the only consequence."""
@@ -68,6 +69,8 @@ class RolloutConfig(_Strict):
     max_new_tokens: int = Field(16, ge=1)
     max_model_len: int = Field(512, ge=16)
     tensor_parallel_size: int = Field(1, ge=1)
+    """GPUs (on CPU: cores) per engine; above 1 the engine runs one process per rank (vLLM's multiprocess
+    executor), and the placement gives a worker its ranks' GPUs on one node (`forecast-grpo plan`)."""
     num_cpus: float = Field(0.5, ge=0.0)
     """Ray CPUs per worker; fractional on small machines so the job never waits for cores that don't exist."""
     num_gpus: float = Field(0.0, ge=0.0)
@@ -75,7 +78,8 @@ class RolloutConfig(_Strict):
     cpu_kvcache_gib: int = Field(1, ge=1)
     """VLLM_CPU_KVCACHE_SPACE on CPU."""
     cpu_cores: list[str] | None = None
-    """CPU only: VLLM_CPU_OMP_THREADS_BIND per worker (e.g. ["0", "1"]); default: worker i on core i mod cores."""
+    """CPU only: VLLM_CPU_OMP_THREADS_BIND per worker (e.g. ["0", "1"]; a core per tensor-parallel rank: ["0|1"]);
+    default: worker i's ranks on the next cores in turn."""
     enforce_eager: bool = True
     max_turns: int = Field(4, ge=1)
     """With tools: assistant turns per trajectory; the last one must answer (a tool call there ends it unanswered)."""
@@ -86,6 +90,9 @@ class RolloutConfig(_Strict):
     (truncated, counted by reason)."""
     max_tool_response_tokens: int = Field(256, ge=16)
     """A tool response is cut to this many tokens before it enters the conversation."""
+    max_restarts: int = Field(3, ge=-1)
+    """Times Ray restarts a rollout worker that died (-1: always); the driver gives it the current weights and has it
+    generate its share of the step again. 0: a dead worker ends the job."""
     trajectory_timeout_s: float = Field(120.0, gt=0)
     """With tools: wall-clock deadline of one trajectory; a straggler ends as truncated (reason: deadline)."""
 

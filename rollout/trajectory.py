@@ -2,16 +2,20 @@
 
 Sequences are ragged, so token-level columns are concatenated and `offsets` says where each sequence starts
 (like an Arrow list array): no padding on the wire, zero-copy through Ray's object store, and a zero-copy Arrow
-table for Parquet. Each sequence is prompt + completion tokens exactly as sampled (never re-tokenised). Tool turns
-(later) sit inside the completion with loss mask 0 and sampler logprob 0.
+table for Parquet. Each sequence is prompt + completion tokens exactly as sampled (never re-tokenised). With tools,
+the completion holds every turn: the model's tokens (loss mask 1) and the tool results between them (loss mask 0,
+sampler logprob 0).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import json
+from collections import Counter
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 
@@ -32,9 +36,16 @@ class TrajectoryBatch:
     p_true: np.ndarray  # float32: known aleatoric probability (synthetic), NaN for real questions
     truncated: np.ndarray  # bool: hit max_new_tokens
     question_ids: np.ndarray  # str
+    turns: np.ndarray  # int16: assistant turns
+    tool_calls: np.ndarray  # int16
+    tool_errors: np.ndarray  # int16: calls answered with an error (bad calls and tool failures)
+    leak_violations: np.ndarray  # int16: tool answers withheld because they showed content after the as-of date
+    end_reason: np.ndarray  # str: answer, length, budget, turns, deadline, eos
     # batch level
     gen_seconds: float = 0.0
     load_seconds: float = 0.0  # the weight load that preceded this batch on its worker (0: none yet)
+    tool_stats: dict = field(default_factory=dict)
+    """Counts over the batch: tool_errors_<kind>, cache_hits, cache_lookups, dropped_<reason>."""
 
     @property
     def num_sequences(self) -> int:
@@ -63,29 +74,49 @@ class TrajectoryBatch:
                                                                          for b, s in zip(batches, seq_shift)])
             elif f.name in ("gen_seconds", "load_seconds"):
                 out[f.name] = max(getattr(b, f.name) for b in batches)
+            elif f.name == "tool_stats":
+                out[f.name] = dict(sum((Counter(b.tool_stats) for b in batches), Counter()))
             else:
                 out[f.name] = np.concatenate([getattr(b, f.name) for b in batches])
         return TrajectoryBatch(**out)
 
     def to_arrow(self, extra: dict[str, np.ndarray] | None = None, texts: list[str] | None = None) -> pa.Table:
-        """One row per sequence; token-level columns become list columns without copying."""
+        """One row per sequence; token-level columns become list columns without copying. The batch-level fields
+        ride in the schema's metadata, so `from_arrow` gives the same batch back."""
         off = pa.array(self.offsets.astype(np.int32))
-        cols = {
-            "question_id": pa.array(self.question_ids.astype(str)),
-            "group_id": self.group_ids, "policy_version": self.policy_version, "reward": self.rewards,
-            "forecast": self.forecasts, "target": self.targets, "p_true": self.p_true, "truncated": self.truncated,
-            "prompt_len": self.prompt_lens,
-            "tokens": pa.ListArray.from_arrays(off, pa.array(self.tokens)),
-            "loss_mask": pa.ListArray.from_arrays(off, pa.array(self.loss_mask)),
-            "sampler_logprobs": pa.ListArray.from_arrays(off, pa.array(self.sampler_logprobs)),
-        }
+        cols = {column: getattr(self, name) for name, column in _SEQUENCE_COLUMNS.items()}
+        cols["question_id"] = pa.array(self.question_ids.astype(str))
+        cols["end_reason"] = pa.array(self.end_reason.astype(str))
+        cols.update({name: pa.ListArray.from_arrays(off, pa.array(getattr(self, name))) for name in _TOKEN_COLUMNS})
         if texts is not None:
             cols["completion"] = pa.array(texts)
         cols.update(extra or {})
-        return pa.table(cols)
+        meta = {"gen_seconds": self.gen_seconds, "load_seconds": self.load_seconds, "tool_stats": self.tool_stats}
+        return pa.table(cols).replace_schema_metadata({"trajectory_batch": json.dumps(meta)})
+
+    @staticmethod
+    def from_arrow(table: pa.Table) -> "TrajectoryBatch":
+        meta = json.loads((table.schema.metadata or {}).get(b"trajectory_batch", b"{}"))
+        lengths = pc.list_value_length(table["tokens"]).to_numpy()
+        out = {name: np.asarray(pc.list_flatten(table[name]).to_numpy(zero_copy_only=False), dtype=dtype)
+               for name, dtype in _TOKEN_COLUMNS.items()}
+        out.update({name: np.asarray(table[column].to_numpy(zero_copy_only=False), dtype=dtype)
+                    for (name, column), dtype in zip(_SEQUENCE_COLUMNS.items(), _SEQUENCE_DTYPES)})
+        return TrajectoryBatch(offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64), **out, **meta)
 
     def write_parquet(self, path, **kwargs) -> None:
         pq.write_table(self.to_arrow(**kwargs), path)
+
+
+# field -> column, for the sequence-level fields (the Parquet names are singular)
+_SEQUENCE_COLUMNS = {"question_ids": "question_id", "group_ids": "group_id", "policy_version": "policy_version",
+                     "rewards": "reward", "forecasts": "forecast", "targets": "target", "p_true": "p_true",
+                     "truncated": "truncated", "prompt_lens": "prompt_len", "turns": "turns",
+                     "tool_calls": "tool_calls", "tool_errors": "tool_errors", "leak_violations": "leak_violations",
+                     "end_reason": "end_reason"}
+_SEQUENCE_DTYPES = (str, np.int64, np.int32, np.float32, np.float32, np.float32, np.float32, bool, np.int32,
+                    np.int16, np.int16, np.int16, np.int16, str)
+_TOKEN_COLUMNS = {"tokens": np.int32, "loss_mask": np.int8, "sampler_logprobs": np.float32}
 
 
 class TrajectoryBuilder:
@@ -95,11 +126,13 @@ class TrajectoryBuilder:
         self._tok, self._mask, self._lp = [], [], []
         self._rows: dict[str, list] = {k: [] for k in ("prompt_lens", "rewards", "group_ids", "policy_version",
                                                        "forecasts", "targets", "p_true", "truncated",
-                                                       "question_ids")}
+                                                       "question_ids", "turns", "tool_calls", "tool_errors",
+                                                       "leak_violations", "end_reason")}
         self._offsets = [0]
 
     def add(self, prompt: list[int], completion: list[int], completion_mask: list[int],
-            completion_logprobs: list[float], **row) -> None:
+            completion_logprobs: list[float], *, turns: int = 1, tool_calls: int = 0, tool_errors: int = 0,
+            leak_violations: int = 0, **row) -> None:
         self._tok.append(np.asarray(prompt, dtype=np.int32))
         self._tok.append(np.asarray(completion, dtype=np.int32))
         self._mask.append(np.zeros(len(prompt), dtype=np.int8))
@@ -108,11 +141,14 @@ class TrajectoryBuilder:
         lp = np.asarray(completion_logprobs, dtype=np.float32)
         self._lp.append(np.where(self._mask[-1] > 0, lp, 0.0).astype(np.float32))
         self._offsets.append(self._offsets[-1] + len(prompt) + len(completion))
-        row["prompt_lens"] = len(prompt)
+        row.update(prompt_lens=len(prompt), turns=turns, tool_calls=tool_calls, tool_errors=tool_errors,
+                   leak_violations=leak_violations)
+        row.setdefault("end_reason", "length" if row["truncated"] else "answer")
         for k, v in self._rows.items():
             v.append(row[k])
 
-    def build(self, gen_seconds: float = 0.0, load_seconds: float = 0.0) -> TrajectoryBatch:
+    def build(self, gen_seconds: float = 0.0, load_seconds: float = 0.0, tool_stats: dict | None = None
+              ) -> TrajectoryBatch:
         cat = lambda parts, dt: np.concatenate(parts) if parts else np.zeros(0, dt)  # noqa: E731
         r = self._rows
         return TrajectoryBatch(
@@ -122,5 +158,8 @@ class TrajectoryBuilder:
             group_ids=np.asarray(r["group_ids"], np.int64), policy_version=np.asarray(r["policy_version"], np.int32),
             forecasts=np.asarray(r["forecasts"], np.float32), targets=np.asarray(r["targets"], np.float32),
             p_true=np.asarray(r["p_true"], np.float32), truncated=np.asarray(r["truncated"], bool),
-            question_ids=np.asarray(r["question_ids"], dtype=str), gen_seconds=gen_seconds,
-            load_seconds=load_seconds)
+            question_ids=np.asarray(r["question_ids"], dtype=str), turns=np.asarray(r["turns"], np.int16),
+            tool_calls=np.asarray(r["tool_calls"], np.int16), tool_errors=np.asarray(r["tool_errors"], np.int16),
+            leak_violations=np.asarray(r["leak_violations"], np.int16),
+            end_reason=np.asarray(r["end_reason"], dtype=str), gen_seconds=gen_seconds, load_seconds=load_seconds,
+            tool_stats=dict(tool_stats or {}))

@@ -2,15 +2,19 @@
 
 A plain class; `cluster/actors.py` makes it a Ray actor. Its `generate` returns the batch as the call's return
 value, so the batch lands in Ray's object store and the driver only ever holds a reference to it.
+
+Without tools a step is one `generate` call (G samples per prompt). With tools (`task.tools`) every sample is a
+conversation that may call them (`rollout/multiturn.py`); its calls go to the tool service at `tool_url`.
 """
 
 from __future__ import annotations
 
 import time
+from collections import Counter
 
 import numpy as np
 
-from rollout import engine, prompts, weights
+from rollout import engine, prompts, tool_calls, weights
 from rollout.config import RolloutJob
 from rollout.questions import Question
 from rollout.task import Instance, scorer
@@ -19,8 +23,8 @@ from rollout.trajectory import TrajectoryBatch, TrajectoryBuilder
 
 class RolloutWorker:
     def __init__(self, cfg: RolloutJob, worker_index: int = 0, cpu_core: str | None = None,
-                 model_path: str | None = None):
-        engine.configure_env(cfg.rollout.cpu_kvcache_gib, cpu_core)
+                 model_path: str | None = None, tool_url: str | None = None):
+        engine.configure_env(cfg.rollout.cpu_kvcache_gib, cpu_core, cfg.rollout.tensor_parallel_size)
         from transformers import AutoTokenizer
 
         self.cfg, self.index = cfg, worker_index
@@ -33,48 +37,109 @@ class RolloutWorker:
         self.scorer = scorer(cfg.task)
         self.version = 0
         self.load_seconds = 0.0
-        self._prompt_cache: dict[str, list[int]] = {}
+        self._prompt_cache: dict[tuple[str, bool], list[int]] = {}
         self._receiver = None
+        self.kinds = list(cfg.task.tools)
+        self.schemas = tool_calls.schemas(self.kinds)
+        self._rollout = None
+        if self.kinds:
+            from rollout.multiturn import Rollout, ToolRunner
+
+            runner = ToolRunner(tool_url, cfg.tools.service.request_timeout_s)
+            self._rollout = Rollout(engine.TurnEngine(self.llm, self.tokenizer), self.tokenizer, runner,
+                                    cfg.rollout, self.kinds)
 
     def ready(self) -> dict:
         return {"worker": self.index, "version": self.version}
 
-    def _prompt(self, q: Question) -> list[int]:
-        ids = self._prompt_cache.get(q.id)
+    def set_tool_url(self, url: str | None) -> None:
+        """Where the tool service answers (again, after a restart)."""
+        if self._rollout is not None:
+            self._rollout.runner.set_url(url)
+
+    def _prompt(self, q: Question, tools: bool) -> list[int]:
+        key = (q.id, tools)
+        ids = self._prompt_cache.get(key)
         if ids is None:
-            ids = self._prompt_cache[q.id] = prompts.chat_prompt_ids(self.tokenizer, q, self.cfg.task.reasoning)
+            ids = self._prompt_cache[key] = prompts.chat_prompt_ids(self.tokenizer, q, self.cfg.task.reasoning,
+                                                                    self.schemas if tools else None)
+        if len(ids) >= self.cfg.rollout.max_model_len:
+            raise ValueError(f"question {q.id}: its prompt of {len(ids)} tokens does not fit rollout.max_model_len="
+                             f"{self.cfg.rollout.max_model_len}")
         return ids
 
     def _sample(self, questions: list[Question], n: int, temperature: float):
         rc = self.cfg.rollout
-        prompt_ids = [self._prompt(q) for q in questions]
-        too_long = [q.id for q, p in zip(questions, prompt_ids) if len(p) >= rc.max_model_len]
-        if too_long:
-            raise ValueError(f"prompts longer than rollout.max_model_len={rc.max_model_len}: {too_long[:5]}")
+        prompt_ids = [self._prompt(q, False) for q in questions]
         out = engine.generate(self.llm, self.tokenizer, prompt_ids, n=n, temperature=temperature, top_p=rc.top_p,
                               max_tokens=[min(rc.max_new_tokens, rc.max_model_len - len(p)) for p in prompt_ids])
         return prompt_ids, out
 
+    def _converse(self, instances: list[Instance], n: int):
+        from rollout.multiturn import Conversation
+
+        deadline = time.monotonic() + self.cfg.rollout.trajectory_timeout_s
+        convs = [Conversation(inst, self._prompt(inst.question, True), deadline)
+                 for inst in instances for _ in range(n)]
+        return self._rollout.run(convs, self.cfg.rollout.temperature)
+
+    def rollout(self, instances: list[Instance], step: int) -> tuple[TrajectoryBatch, dict]:
+        """The driver's call (with `num_returns=2`): step's batch, its sampling seeded from (run.seed, step, this
+        worker) so that a resumed run draws what an uninterrupted one drew; and a small receipt the driver fetches
+        to learn that the batch is in the object store (the batch itself it never fetches)."""
+        engine.reseed(self.llm, int(np.random.SeedSequence([self.cfg.seed, step, self.index]).generate_state(1)[0]))
+        batch = self.generate(instances)
+        return batch, {"worker": self.index, "sequences": batch.num_sequences, "version": self.version}
+
     def generate(self, instances: list[Instance]) -> TrajectoryBatch:
         """G samples per instance, scored. Every sequence is stamped with the weights version that produced it."""
         t0 = time.perf_counter()
+        if self.kinds:
+            return self._generate_conversations(instances, t0)
         prompt_ids, out = self._sample([i.question for i in instances], self.cfg.rollout.group_size,
                                        self.cfg.rollout.temperature)
         builder = TrajectoryBuilder()
         for inst, prompt, group in zip(instances, prompt_ids, out):
-            p_true = np.nan if inst.question.p_true is None else inst.question.p_true
             for s in group:
                 reward, q = self.scorer(s.text, inst.target)
-                builder.add(prompt, s.token_ids, [1] * len(s.token_ids), s.logprobs,
-                            rewards=reward, group_ids=inst.group_id, policy_version=self.version,
-                            forecasts=np.nan if q is None else q, targets=inst.target, p_true=p_true,
-                            truncated=s.truncated, question_ids=inst.question.id)
+                builder.add(prompt, s.token_ids, [1] * len(s.token_ids), s.logprobs, **self._row(inst, reward, q),
+                            truncated=s.truncated)
         return builder.build(gen_seconds=time.perf_counter() - t0, load_seconds=self.load_seconds)
 
-    def forecasts(self, questions: list[Question], n: int) -> np.ndarray:
-        """[len(questions), n] parsed forecasts (NaN where unparseable): the evaluation's view of the policy."""
-        _, out = self._sample(questions, n, self.cfg.rollout.temperature)
+    def _row(self, inst: Instance, reward: float, q: float | None) -> dict:
+        return dict(rewards=reward, group_ids=inst.group_id, policy_version=self.version,
+                    forecasts=np.nan if q is None else q, targets=inst.target,
+                    p_true=np.nan if inst.question.p_true is None else inst.question.p_true,
+                    question_ids=inst.question.id)
+
+    def _generate_conversations(self, instances: list[Instance], t0: float) -> TrajectoryBatch:
+        builder, stats = TrajectoryBuilder(), Counter()
+        for c in self._converse(instances, self.cfg.rollout.group_size):
+            if c.end == "failed":  # ours, not the model's: never trained on, counted
+                stats["dropped_failed"] += 1
+                continue
+            reward, q = self.scorer(c.final_text, c.instance.target) if c.end == "answer" else \
+                (self.scorer.format_penalty, None)
+            reward -= self.cfg.task.tool_error_penalty * c.bad_calls
+            builder.add(c.prompt, c.ids, c.mask, c.logprobs, **self._row(c.instance, reward, q),
+                        truncated=c.end != "answer", end_reason=c.end, turns=c.turns, tool_calls=c.calls,
+                        tool_errors=sum(c.errors.values()), leak_violations=c.leaks)
+            stats.update({f"tool_errors_{k}": v for k, v in c.errors.items()})
+            stats.update(cache_hits=c.cache_hits, cache_lookups=c.cache_lookups)
+        return builder.build(gen_seconds=time.perf_counter() - t0, load_seconds=self.load_seconds,
+                             tool_stats=stats)
+
+    def forecasts(self, questions: list[Question], n: int, tools: bool | None = None) -> np.ndarray:
+        """[len(questions), n] parsed forecasts (NaN where unparseable): the evaluation's view of the policy.
+        tools: with the task's tools (the default when it has any) or without."""
         res = np.full((len(questions), n), np.nan, dtype=np.float64)
+        if (self.kinds and tools is not False):
+            instances = [Instance(q, 0.5, j) for j, q in enumerate(questions)]
+            for k, c in enumerate(self._converse(instances, n)):
+                q = self.scorer(c.final_text, 0.5)[1] if c.end == "answer" else None
+                res[k // n, k % n] = np.nan if q is None else q
+            return res
+        _, out = self._sample(questions, n, self.cfg.rollout.temperature)
         for j, group in enumerate(out):
             for k, s in enumerate(group):
                 q = self.scorer(s.text, 0.5)[1]

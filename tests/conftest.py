@@ -22,7 +22,21 @@ def tiny_model() -> Path:
 
 
 @pytest.fixture(scope="session")
+def tool_world_files() -> Path:
+    """The tool world's wiki snapshot and news corpus (the Makefile writes the same folder)."""
+    from rollout import tool_world
+
+    out = ROOT / "models" / "tool-world"
+    if not (out / "wiki.parquet").is_file() or not (out / "news.parquet").is_file():
+        tool_world.write_snapshot(out / "wiki.parquet")
+        tool_world.write_news(out / "news.parquet")
+    return out
+
+
+@pytest.fixture(scope="module")
 def ray_local():
+    """A local Ray for one test module: none is left running for the next (tests/test_ray_job.py starts a head of
+    its own and ends with `ray stop`)."""
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,

@@ -28,3 +28,18 @@ def test_numbers_beliefs_are_smooth_and_not_the_truth():
     b = np.array([_belief(q.text, spec) for q in qs])
     p = np.array([q.p_true for q in qs])
     assert abs(np.corrcoef(b, p)[0, 1]) < 0.3 and np.abs(b - p).mean() > 0.2
+
+
+def test_page_beliefs_follow_the_page_but_not_what_it_implies():
+    """After a tool-world page, the warm start's answer varies strongly with the page's number (the model must
+    read it) and smoothly, but is unrelated to the probability the number implies."""
+    from learner.tiny_model import page_belief
+    from rollout import tool_world
+
+    spec = TinyModelSpec()
+    wins = np.arange(1, tool_world.FACES)
+    b = np.array([page_belief(int(k), spec) for k in wins])
+    p = wins / tool_world.FACES
+    assert b.max() - b.min() > 0.5 and np.abs(np.diff(b)).max() < 0.4
+    assert abs(np.corrcoef(b, p)[0, 1]) < 0.3 and np.abs(b - p).mean() > 0.2
+    assert all(0.05 <= v <= 0.95 for v in b)
