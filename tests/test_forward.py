@@ -53,3 +53,25 @@ def test_shared_prompt_forward_matches_full_sequences(tiny_model):
         scale = max(1.0, shared_grads[n].abs().max().item())
         assert torch.allclose(p.grad, shared_grads[n], atol=1e-5 * scale, rtol=1e-4), n
     assert ent.shape == logp.shape and torch.all(ent[mb.loss_mask > 0] > 0)
+
+
+def test_gradient_checkpointing_gives_the_same_logprobs(tiny_model):
+    """transformers turns the KV cache off under gradient checkpointing; the full-sequence path must agree."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    b = TrajectoryBuilder()
+    p = tok("Two fair 6-sided dice are rolled. What is the probability their sum is at least 9?",
+            add_special_tokens=False).input_ids
+    for c in ([20, 21, 22], [23, 24, 25, 26, 27]):
+        b.add(p, c, [1] * len(c), [-1.0] * len(c), rewards=0.0, group_ids=0, policy_version=0, forecasts=0.5,
+              targets=0.5, p_true=0.5, truncated=False, question_ids="q")
+    mb = forward.build(b.build(), np.array([0, 1]), tok.pad_token_id, "cpu")
+    shared, _ = forward.completion_logprobs(model, mb, temperature=1.0)
+    model.gradient_checkpointing_enable()
+    model.train()
+    full, _ = forward.completion_logprobs(model, mb, temperature=1.0)
+    (full * mb.loss_mask).sum().backward()
+    assert torch.allclose(shared * mb.loss_mask, full * mb.loss_mask, atol=1e-5)
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

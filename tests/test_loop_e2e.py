@@ -17,7 +17,7 @@ pytestmark = pytest.mark.e2e
 
 
 def run_driver(tmp_path, model, *sets, timeout=600):
-    cmd = [sys.executable, "-m", "cluster.train", "--config", str(ROOT / "cluster/configs/demo-cpu.yaml"),
+    cmd = [sys.executable, "-m", "cluster.train", "--config", str(ROOT / "cluster/configs/dice-cpu.yaml"),
            "--set", f"model.path={model}", "--set", f"run.out_dir={tmp_path}", "--set", "run.progress=false",
            "--set", "run.eval_samples=2", *[a for s in sets for a in ("--set", s)]]
     env = {**os.environ, "RAY_ADDRESS": ""}

@@ -1,7 +1,9 @@
 """After a weight sync, vLLM's sampled-token logprobs equal the learner's (fp32, 1e-4); before it they differ.
 
-Real Ray, real vLLM, real DeepSpeed, both transports. The learner is moved away from the engine's weights by one
-training step with a large learning rate, so a stale engine (or a stale tied lm_head, or a stale prefix cache) shows.
+Real Ray, real vLLM, real DeepSpeed, both transports, and a tensor-parallel engine (two ranks, each a process of
+vLLM's multiprocess executor, each loading its shard). The learner is moved away from the engine's weights by one
+training step with a large learning rate, so a stale engine (or a stale tied lm_head, or a stale prefix cache, or a
+rank left behind) shows.
 """
 
 import numpy as np
@@ -22,18 +24,28 @@ def _masked_gap(batch, learner_lp) -> float:
 
 
 @pytest.fixture(scope="module")
-def worker(ray_local, tiny_model):
-    cfg = make_cfg(tiny_model)
-    w = ray_local.remote(RolloutWorker).options(num_cpus=0.5).remote(cfg.rollout_job(), 0, "1")
-    ray_local.get(w.ready.remote(), timeout=300)
-    yield w
-    ray_local.kill(w)
+def workers(ray_local, tiny_model):
+    """tensor-parallel size -> a rollout worker, started on first use."""
+    started = {}
+
+    def get(tp: int):
+        if tp not in started:
+            cfg = make_cfg(tiny_model, f"rollout.tensor_parallel_size={tp}")
+            started[tp] = ray_local.remote(RolloutWorker).options(num_cpus=0.5).remote(
+                cfg.rollout_job(), 0, "1" if tp == 1 else "0|1")
+            ray_local.get(started[tp].ready.remote(), timeout=300)
+        return started[tp]
+
+    yield get
+    for w in started.values():
+        ray_local.kill(w)
 
 
-@pytest.mark.parametrize("transport,zero", [("object_store", 2), ("collective", 3)])
-def test_logprobs_match_after_sync(ray_local, tiny_model, worker, transport, zero):
+@pytest.mark.parametrize("transport,zero,tp", [("object_store", 2, 1), ("collective", 3, 1), ("object_store", 2, 2)])
+def test_logprobs_match_after_sync(ray_local, tiny_model, workers, transport, zero, tp):
+    worker = workers(tp)
     cfg = make_cfg(tiny_model, f"sync.transport={transport}", f"learner.zero_stage={zero}", "learner.lr=0.01",
-                   "grpo.normalize_std=false", "rollout.prompts_per_step=8")
+                   "grpo.normalize_std=false", "rollout.prompts_per_step=8", f"rollout.tensor_parallel_size={tp}")
     learner = ray_local.remote(Learner).options(num_cpus=0.5).remote(cfg.learner_job(), 0, 1, "127.0.0.1", None, None)
     sync = weight_sync.make(transport, 120)
     actors.wait(sync.setup([learner], [worker]), 120, "join")

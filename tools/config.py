@@ -75,6 +75,9 @@ class ServiceConfig(_Strict):
     """0 picks a free port."""
     num_cpus: float = Field(0.25, ge=0)
     """Ray CPUs for the service actor inside a training job."""
+    max_restarts: int = Field(3, ge=-1)
+    """Inside a training job: times Ray restarts a service actor that died (-1: always). Its cache is on disk, so it
+    comes back with everything it had; callers waiting meanwhile get a tool error, never a hang."""
     request_timeout_s: float = Field(30.0, gt=0)
     """A caller's (rollout worker's) timeout for one service request; a slow or dead service is a tool error."""
 

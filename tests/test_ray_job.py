@@ -1,0 +1,149 @@
+"""`ray job submit`, for real: a head started with `ray start --head` on 127.0.0.1 with the dashboard, the dice
+recipe submitted with `ray job submit --working-dir .`, its logs, its run folder (a `file://` URI: a folder the
+driver does not own), and its training metrics scraped from the node's metrics export port while it runs; then a
+second job stopped with `ray job stop` mid-run, which must save a complete checkpoint and end cleanly; then
+`ray stop`.
+
+The job asks for the grace its stop needs: `RAY_JOB_STOP_WAIT_TIME_S` in its runtime_env (Ray's default, 3 s,
+is less than a step and a save of a real model take)."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.e2e
+BIN = Path(sys.executable).parent
+RUNTIME_ENV = {"excludes": [".git", ".venv", "models", "runs"], "env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": "120"}}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    ports = {k: free_port() for k in ("gcs", "dashboard", "agent", "metrics")}
+    env = {**os.environ, "RAY_ADDRESS": f"http://127.0.0.1:{ports['dashboard']}"}
+    env.pop("RAY_JOB_STOP_WAIT_TIME_S", None)
+    # a local ray.init() leaves ~/.ray/auth_token, and a head started after it asks for the token
+    if (Path.home() / ".ray" / "auth_token").exists():
+        env["RAY_AUTH_MODE"] = "token"
+    start = subprocess.run([str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1",
+                            f"--port={ports['gcs']}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                            f"--dashboard-port={ports['dashboard']}", f"--metrics-export-port={ports['metrics']}",
+                            f"--dashboard-agent-listen-port={ports['agent']}", "--num-cpus=2",
+                            "--disable-usage-stats"], env=env, capture_output=True, text=True, timeout=180)
+    assert start.returncode == 0, start.stdout[-2000:] + start.stderr[-2000:]
+    try:
+        yield env, ports, tmp_path_factory.mktemp("jobs")
+    finally:
+        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def ray_cli(env, *args, timeout=600):
+    return subprocess.run([str(BIN / "ray"), *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def submit(env, job_id, out, tiny_model, *sets, wait=False):
+    cmd = ["job", "submit", "--working-dir", ".", "--runtime-env-json", json.dumps(RUNTIME_ENV),
+           "--submission-id", job_id, *([] if wait else ["--no-wait"]), "--", sys.executable, "-m", "cluster.train",
+           "--config", "cluster/configs/dice-cpu.yaml"]
+    for s in (f"model.path={tiny_model}", f"run.out_dir=file://{out}", f"run.name={job_id}", "run.progress=false",
+              "run.eval_samples=2", "run.max_minutes=null", *sets):
+        cmd += ["--set", s]
+    res = ray_cli(env, *cmd)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res
+
+
+def status(env, job_id) -> str:
+    """`ray job status` prints "Status for job 'ID': STATE"."""
+    out = ray_cli(env, "job", "status", job_id, timeout=60).stdout
+    lines = [ln for ln in out.splitlines() if ln.startswith(f"Status for job '{job_id}':")]
+    return lines[-1].rsplit(":", 1)[1].strip() if lines else ""
+
+
+def wait_for(predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = predicate()
+        if got:
+            return got
+        time.sleep(1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def metrics_export_port(ports) -> int:
+    """The node's MetricsExportPort, as `ray.nodes()` reports it (asked from a process of its own)."""
+    out = subprocess.run([sys.executable, "-c", "import ray; ray.init(address='127.0.0.1:%d', log_to_driver=False); "
+                          "print(ray.nodes()[0]['MetricsExportPort'])" % ports["gcs"]],
+                         capture_output=True, text=True, timeout=120, env={**os.environ, "RAY_ADDRESS": ""})
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def scrape(port, run) -> dict:
+    """The training metrics of `run` in the node's Prometheus export: name -> value (summed over other labels)."""
+    try:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    except httpx.HTTPError:
+        return {}
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name.startswith("ray_forecast_grpo_") and s.labels.get("run") == run:
+                out[s.name] = out.get(s.name, 0.0) + s.value
+    return out
+
+
+def test_submit_runs_to_success_and_exports_metrics(head, tiny_model):
+    env, ports, out = head
+    port = metrics_export_port(ports)
+    assert port == ports["metrics"]
+    submit(env, "job1", out, tiny_model, "run.steps=30")
+    seen = wait_for(lambda: (m := scrape(port, "job1")).get("ray_forecast_grpo_step", 0) >= 1 and m, 300,
+                    "the job's metrics in the node's export")
+    assert seen["ray_forecast_grpo_reward_mean"] < 0 and seen["ray_forecast_grpo_tokens_per_second"] > 0
+    assert 0 <= seen["ray_forecast_grpo_format_fail_rate"] <= 1 and seen["ray_forecast_grpo_staleness"] in (0, 1)
+    assert seen.get("ray_forecast_grpo_leak_violations_total", 0) == 0
+    assert wait_for(lambda: status(env, "job1") in ("SUCCEEDED", "FAILED", "STOPPED") and status(env, "job1"), 600,
+                    "job1 to end") == "SUCCEEDED"
+    logs = ray_cli(env, "job", "logs", "job1").stdout
+    assert "=== forecast-grpo summary ===" in logs and "step   29" in logs
+    run_dir = out / "job1"
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 30
+    assert (run_dir / "checkpoints" / "step_000030" / "COMPLETE").is_file()
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 30
+
+
+def test_job_stop_saves_a_complete_checkpoint_and_ends_cleanly(head, tiny_model):
+    env, _, out = head
+    submit(env, "job2", out, tiny_model, "run.steps=100000")
+    run_dir = out / "job2"
+    wait_for(lambda: (run_dir / "metrics.jsonl").exists() and len((run_dir / "metrics.jsonl").read_text()
+                                                                  .splitlines()) >= 2, 300, "job2's first steps")
+    stop = ray_cli(env, "job", "stop", "job2")
+    assert stop.returncode == 0, stop.stderr[-2000:]
+    assert wait_for(lambda: status(env, "job2") in ("SUCCEEDED", "FAILED", "STOPPED") and status(env, "job2"), 300,
+                    "job2 to end") == "STOPPED"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["stopped_early"] and summary["steps"] >= 2
+    ckpt = run_dir / "checkpoints" / f"step_{summary['steps']:06d}"
+    marker = json.loads((ckpt / "COMPLETE").read_text())
+    assert all((ckpt / name).stat().st_size == size for name, size in marker["files"].items())
+    logs = ray_cli(env, "job", "logs", "job2").stdout
+    assert "SIGTERM: finishing this step" in logs
+    shutil.rmtree(run_dir)
