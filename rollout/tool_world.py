@@ -1,7 +1,8 @@
 """A synthetic world whose facts change over dated revisions: the built-in task where tools matter.
 
-Each player rolls a ten-faced die, some of whose faces win; how many changes on given dates. A wiki page per player (its title: the player's name, `Player 137`) says what holds since its latest
-revision, and a dated news item announces each change. A question asks, as of a date, for the probability that
+Each player rolls a ten-faced die, some of whose faces win; how many changes on given dates. A wiki page per
+player (its title: the player's name, `Player 137`) says what holds since its latest revision, and a dated news
+item announces each change. A question asks, as of a date, for the probability that
 the player's next roll wins: p* = winning faces / faces under the rule in force on that date. Reading the page is
 the whole skill (the dice families are where GRPO learns to compute): a forecaster with the tools can know p*,
 one without them only the base rate, and a leak shows up as a wrong answer.

@@ -125,7 +125,7 @@ def test_model_first_then_compared_then_baselines(small, tmp_path, monkeypatch, 
     path, sets = small
     model = tmp_path / "model"
     model.mkdir()
-    monkeypatch.setattr(evaluate_cli, "sample_forecasts", lambda cfg, m, qs, n, tool_url=None: np.full((len(qs), n), 0.7))
+    monkeypatch.setattr(evaluate_cli, "sample_forecasts", lambda cfg, m, qs, n, url=None: np.full((len(qs), n), 0.7))
     out = tmp_path / "out"
     assert cli.main(["eval", "--model", str(model), "--data", str(path), "--samples", "2", "--compare",
                      f"mine={sets}", "--base-rate", "0.4", "-o", str(out)]) == 0
