@@ -8,9 +8,10 @@ CE minus the entropy floor and skill before and after, on the training questions
 The default family, dice_sizes, trains on 4-, 6-, 8-, 10-, 12- and 20-sided dice and holds out 5, 7, 9 and 11
 sides: the held-out figure says whether the model learned what the number of sides does. `--families dice` is the
 TRL peer's six-sided die. `--tools` trains the demo's recipe (`cluster/configs/demo-cpu.yaml`: the tool world with
-the wiki tool) and evaluates the same model with its tools and without them, on training and held-out players.
+the wiki tool) and evaluates the model with its tools and without them, on training and held-out players; then
+trains the same model for the same budget without tools (`task.tools=[]`), which can learn only the base rate.
 
-The run is the real job (`python -m cluster.train`: Ray, vLLM, DeepSpeed). Its last line is a Markdown table row
+The run is the real job (`python -m cluster.train`: Ray, vLLM, DeepSpeed). It ends with a Markdown table row per run
 (setting, skill train / held-out, CE-floor, steps, wall time) as kept in bench/README.md.
 """
 
@@ -60,9 +61,16 @@ def main():
     minutes = args.minutes or (20.0 if args.tools else 15.0)
     out_dir = args.out_dir or tempfile.mkdtemp(prefix="learning-")
     sets = [f"task.families=[{families}]", *args.set]
-    s = run(config, minutes, sets, out_dir, "learning")
+    rows = [report(run(config, minutes, sets, out_dir, "learning"), args.label or " ".join(sets))]
+    if args.tools:  # the same model and budget, trained and evaluated without the tools
+        rows.append(report(run(config, minutes, sets + ["task.tools=[]"], out_dir, "no-tools"), "without tools"))
+    print("\n".join(rows))
+
+
+def report(s: dict, label: str) -> str:
+    """Print a run's before/after per evaluation set; returns its bench/README.md table row."""
     lv = s["reference_levels"]
-    print(f"reference rewards: random {lv['ref_random']:.4f}, best constant {lv['ref_constant']:.4f}, "
+    print(f"\n{label}: reference rewards: random {lv['ref_random']:.4f}, best constant {lv['ref_constant']:.4f}, "
           f"entropy floor {lv['ref_floor']:.4f}")
     print(f"{s['steps']} steps in {s['train_wall_s']:.0f}s of training ({s['process_wall_s']:.0f}s with start-up "
           f"and evaluations)")
@@ -74,16 +82,14 @@ def main():
     for split in s["eval_after"]:
         b, a = s["eval_before"][split], s["eval_after"][split]
         shrink = 1 - a["ce_minus_floor"] / b["ce_minus_floor"]
-        print(f"{split:8s} CE-floor {b['ce_minus_floor']:.4f} -> {a['ce_minus_floor']:.4f} (gap shrinks "
+        print(f"{split:18s} CE-floor {b['ce_minus_floor']:.4f} -> {a['ce_minus_floor']:.4f} (gap shrinks "
               f"{100 * shrink:.0f}%)   skill {b['skill']:+.3f} -> {a['skill']:+.3f}   reward {b['reward']:.4f} -> "
-              f"{a['reward']:.4f}")
+              f"{a['reward']:.4f}   format failures {100 * a['format_fail_rate']:.1f}%")
         by_truth = [(k, v) for k, v in a["mean_forecast_by_truth"].items() if v is not None]
         if len(by_truth) <= 12:
             print("         mean forecast by true probability: " + ", ".join(f"{k}: {v:.2f}" for k, v in by_truth))
-        cells.append(f"{a['skill']:+.2f} (CE−floor {a['ce_minus_floor']:.3f})")
-    label = args.label or " ".join(sets)
-    print(f"| {label} | {' | '.join(cells)} | {s['steps']} | {s['train_wall_s'] / 60:.1f} min |  "
-          f"(columns: {', '.join(s['eval_after'])})")
+        cells.append(f"{split} {a['skill']:+.2f} (CE−floor {a['ce_minus_floor']:.3f})")
+    return f"| {label} | {' | '.join(cells)} | {s['steps']} | {s['train_wall_s'] / 60:.1f} min |"
 
 
 if __name__ == "__main__":

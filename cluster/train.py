@@ -233,7 +233,10 @@ class Driver:
                     actors.wait([(f"rollout worker {c.worker}", c.info)], self.cfg.timeouts.generate_s,
                                 "generate", reraise_death=True)
                     break
-                except RayActorError:
+                except RayActorError as e:
+                    if self.cfg.rollout.max_restarts == 0:
+                        raise actors.RoleError(f"rollout worker {c.worker} died while the job waited to generate: "
+                                               f"{actors._cause(e)}") from None
                     lost = len(c.instances) * self.cfg.rollout.group_size
                     self.dropped["worker_died"] = self.dropped.get("worker_died", 0) + lost
                     print(f"rollout worker {c.worker} died during step {step}: {lost} trajectories lost, "
@@ -247,9 +250,24 @@ class Driver:
         """A restarted worker starts from the base model: give it the current weights (and the tool service)."""
         from cluster import actors
 
+        from ray.exceptions import ActorUnavailableError, RayActorError
+
         to, t0 = self.cfg.timeouts, time.perf_counter()
-        actors.wait([(f"rollout worker {i}", self.workers[i].ready.remote())], to.startup_s,
-                    "restart (rollout.max_restarts)")
+        deadline = time.monotonic() + to.startup_s
+        while True:  # calls fail fast while Ray restarts the actor; one that died for good raises a RoleError
+            try:
+                actors.wait([(f"rollout worker {i}", self.workers[i].ready.remote())],
+                            max(1.0, deadline - time.monotonic()), "restart (rollout.max_restarts)",
+                            reraise_death=True)
+                break
+            except ActorUnavailableError:
+                if time.monotonic() > deadline:
+                    raise actors.RoleError(f"rollout worker {i} did not come back within {to.startup_s:.0f}s "
+                                           "(timeouts.startup_s)") from None
+                time.sleep(0.5)
+            except RayActorError as e:
+                raise actors.RoleError(f"rollout worker {i} died and was not restarted (rollout.max_restarts="
+                                       f"{self.cfg.rollout.max_restarts}): {actors._cause(e)}") from None
         if self.tool_url:
             actors.wait([(f"rollout worker {i}", self.workers[i].set_tool_url.remote(self.tool_url))], to.sync_s,
                         "take the tool service")

@@ -86,8 +86,6 @@ def test_eval_refuses_before_starting_an_engine(tiny_model, data, tmp_path, caps
     path, _ = data
     out = tmp_path / "out"
     base = ["eval", "--model", str(tiny_model), "--data", str(path), "-o", str(out)]
-    assert cli.main(base + ["--tools", "on"]) == 2
-    assert "tools are not available yet" in capsys.readouterr().err
     assert cli.main(["eval", "--model", str(tmp_path / "no_model"), "--data", str(path)]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert cli.main(base[:4] + [str(tmp_path / "missing.parquet")]) == 2
