@@ -140,6 +140,23 @@ def wait(named_refs: list[tuple[str, ray.ObjectRef]], timeout_s: float, what: st
     return ray.get(refs)
 
 
+def wait_restarted(name: str, call, timeout_s: float, what: str):
+    """The result of `call()` (which submits a call to an actor and returns its ref), retried while Ray restarts
+    the actor: until it is back, every call fails at once as unavailable. One Ray will not restart is a RoleError."""
+    from ray.exceptions import ActorUnavailableError
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return wait([(name, call())], max(1.0, deadline - time.monotonic()), what, reraise_death=True)[0]
+        except ActorUnavailableError:
+            if time.monotonic() > deadline:
+                raise RoleError(f"{name} was not back within {timeout_s:.0f}s to {what}") from None
+            time.sleep(0.5)
+        except RayActorError as e:
+            raise RoleError(f"{name} died and was not restarted (to {what}): {_cause(e)}") from None
+
+
 def _cause(e: Exception) -> str:
     """The last line of the remote traceback ('TypeError: ...'), or the error's own first line."""
     lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]

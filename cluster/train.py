@@ -250,24 +250,9 @@ class Driver:
         """A restarted worker starts from the base model: give it the current weights (and the tool service)."""
         from cluster import actors
 
-        from ray.exceptions import ActorUnavailableError, RayActorError
-
         to, t0 = self.cfg.timeouts, time.perf_counter()
-        deadline = time.monotonic() + to.startup_s
-        while True:  # calls fail fast while Ray restarts the actor; one that died for good raises a RoleError
-            try:
-                actors.wait([(f"rollout worker {i}", self.workers[i].ready.remote())],
-                            max(1.0, deadline - time.monotonic()), "restart (rollout.max_restarts)",
-                            reraise_death=True)
-                break
-            except ActorUnavailableError:
-                if time.monotonic() > deadline:
-                    raise actors.RoleError(f"rollout worker {i} did not come back within {to.startup_s:.0f}s "
-                                           "(timeouts.startup_s)") from None
-                time.sleep(0.5)
-            except RayActorError as e:
-                raise actors.RoleError(f"rollout worker {i} died and was not restarted (rollout.max_restarts="
-                                       f"{self.cfg.rollout.max_restarts}): {actors._cause(e)}") from None
+        actors.wait_restarted(f"rollout worker {i}", self.workers[i].ready.remote, to.startup_s,
+                              "restart (rollout.max_restarts)")
         if self.tool_url:
             actors.wait([(f"rollout worker {i}", self.workers[i].set_tool_url.remote(self.tool_url))], to.sync_s,
                         "take the tool service")
@@ -302,8 +287,8 @@ class Driver:
 
         if self.tool_service is None:
             return
-        url = actors.wait([("the tool service", self.tool_service.url.remote())], self.cfg.timeouts.startup_s,
-                          "answer (tools.service.max_restarts)")[0]
+        url = actors.wait_restarted("the tool service", self.tool_service.url.remote, self.cfg.timeouts.startup_s,
+                                    "answer (tools.service.max_restarts)")
         if url != self.tool_url:
             print(f"tool service restarted: {url}", file=sys.stderr, flush=True)
             self.tool_url = url
