@@ -32,7 +32,7 @@ demo: model
 	$(VENV)/bin/forecast-grpo train --config cluster/configs/demo-cpu.yaml
 
 test: model
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=30 tests
 
 clean:
 	rm -rf $(VENV) $(MODEL) $(WORLD) runs

@@ -71,7 +71,7 @@ def main():
         def consume(self, batch) -> int:
             return int(batch.loss_mask.sum()) + int(np.isnan(batch.forecasts).sum() * 0)
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     raw = RawEngine.options(num_cpus=0.5).remote()
     ours = ray.remote(RolloutWorker).options(num_cpus=0.5).remote(cfg.rollout_job(), 0, "1")
     sink = Sink.options(num_cpus=0.1).remote()

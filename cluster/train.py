@@ -92,7 +92,8 @@ def init_ray(cfg: JobConfig):
         except (ConnectionError, RuntimeError) as e:  # a port that answers but is no Ray head
             raise ConfigError(f"cannot reach the Ray cluster at {address!r} (RAY_ADDRESS / ray.address): {e}") from None
     else:
-        ctx = ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.dashboard, runtime_env=env,
+        # "local": a new Ray of our own even when another one runs on this machine (plain ray.init() would join it)
+        ctx = ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.dashboard, runtime_env=env,
                        log_to_driver=True)
     if ctx.dashboard_url:
         print(f"Ray dashboard: http://{ctx.dashboard_url}", flush=True)

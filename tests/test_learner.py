@@ -51,11 +51,10 @@ def test_a_step_with_nothing_to_learn_makes_no_update(learner):
 
 def test_positive_advantage_raises_the_answers_logprob(learner):
     tok = learner.tokenizer
-    good, _ = _batch(tok, [[-0.2, -0.2, -1.0, -1.0]], [learner.steps_done], answer="<answer>0.5</answer>")
-    lp0 = learner.sequence_logprobs(good)[good.loss_mask.astype(bool)].reshape(4, -1)[0].sum()
-    learner.train_step(good)  # the first two copies get A > 0, the last two A < 0: the same tokens, net zero
-    lp1 = learner.sequence_logprobs(good)[good.loss_mask.astype(bool)].reshape(4, -1)[0].sum()
-    assert abs(lp1 - lp0) < 1e-3
+    same, _ = _batch(tok, [[-0.2, -0.2, -1.0, -1.0]], [learner.steps_done], answer="<answer>0.5</answer>")
+    # the first two copies get A > 0, the last two A < 0: the same tokens, so the gradient cancels (only its rounding
+    # is left, which Adam's sign-like first steps would still turn into a visible update: compare the norms)
+    net_zero = learner.train_step(same)["grad_norm"]
     a, _ = _batch(tok, [[-0.2]], [learner.steps_done], answer="<answer>0.5</answer>")
     b, _ = _batch(tok, [[-1.0]], [learner.steps_done], answer="<answer>0.9</answer>")
     from rollout.trajectory import TrajectoryBatch
@@ -63,7 +62,7 @@ def test_positive_advantage_raises_the_answers_logprob(learner):
     both = TrajectoryBatch.concat([a, b])
     both.group_ids[:] = 0
     before = learner.sequence_logprobs(both)
-    learner.train_step(both)
+    assert net_zero < 1e-3 * learner.train_step(both)["grad_norm"]
     after = learner.sequence_logprobs(both)
     s0, s1 = both.sequence(0), both.sequence(1)
     k = int(np.nonzero(both.tokens[s0] != both.tokens[s1])[0][0])

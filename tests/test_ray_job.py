@@ -87,11 +87,13 @@ def wait_for(predicate, timeout, what):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def metrics_export_port(ports) -> int:
-    """The node's MetricsExportPort, as `ray.nodes()` reports it (asked from a process of its own)."""
+def metrics_export_port(env, ports) -> int:
+    """The node's MetricsExportPort, as `ray.nodes()` reports it (asked from a process of its own, with the head's
+    auth mode)."""
     out = subprocess.run([sys.executable, "-c", "import ray; ray.init(address='127.0.0.1:%d', log_to_driver=False); "
                           "print(ray.nodes()[0]['MetricsExportPort'])" % ports["gcs"]],
-                         capture_output=True, text=True, timeout=120, env={**os.environ, "RAY_ADDRESS": ""})
+                         capture_output=True, text=True, timeout=120, env={**env, "RAY_ADDRESS": ""})
+    assert out.returncode == 0 and out.stdout.strip(), out.stderr[-3000:]
     return int(out.stdout.strip().splitlines()[-1])
 
 
@@ -111,7 +113,7 @@ def scrape(port, run) -> dict:
 
 def test_submit_runs_to_success_and_exports_metrics(head, tiny_model):
     env, ports, out = head
-    port = metrics_export_port(ports)
+    port = metrics_export_port(env, ports)
     assert port == ports["metrics"]
     submit(env, "job1", out, tiny_model, "run.steps=30")
     seen = wait_for(lambda: (m := scrape(port, "job1")).get("ray_forecast_grpo_step", 0) >= 1 and m, 300,
