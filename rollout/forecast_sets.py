@@ -24,7 +24,7 @@ from pathlib import Path
 
 # the importers' own readers, so that a forecast's dates and probabilities parse as a question's do
 from rollout.importers import FB_DATASET_SOURCES, _date, _load_json, _market_prob
-from rollout.questions import RowError
+from tools.rows import RowError
 
 SHOWN = 3
 """Problems named in a coverage line; summary.json names them all."""

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
+
+from tools.rows import RowError, raise_row_errors, validate_row
 
 
 class Question(BaseModel):
@@ -100,36 +102,13 @@ def write_parquet(questions: list[Question], path: str | Path) -> None:
     write_table(to_table(questions), path)
 
 
-class RowError(ValueError):
-    """One problem with one row. `reason` (field and message, no values) is what importers count skipped rows by."""
-
-    def __init__(self, row: int, field: str, msg: str, detail: str = ""):
-        super().__init__(f"row {row}: {field}: {msg}{f' ({detail})' if detail else ''}")
-        self.row, self.field, self.msg, self.detail = row, field, msg, detail
-
-    @property
-    def reason(self) -> str:
-        return f"{self.field}: {self.msg}"
-
-
-def _row_errors(row: int, err: ValidationError) -> list[RowError]:
-    out = []
-    for e in err.errors():
-        field = ".".join(str(p) for p in e["loc"]) or "(row)"
-        msg = "missing" if e["type"] == "missing" else e["msg"].removeprefix("Value error, ")
-        got = e.get("input")
-        out.append(RowError(row, field, msg, "" if isinstance(got, dict) else f"got {got!r}"))
-    return out
-
-
 def validate_rows(rows: list[dict]) -> tuple[list[Question], list[RowError]]:
     """Every problem of every row (numbered from 0), including ids that repeat; valid rows come back as Questions."""
     good, errors, seen = [], [], {}
     for i, row in enumerate(rows):
-        try:
-            q = Question.model_validate(row)
-        except ValidationError as e:
-            errors.extend(_row_errors(i, e))
+        q, problems = validate_row(Question, i, row)
+        if problems:
+            errors.extend(problems)
             continue
         if q.id in seen:
             errors.append(RowError(i, "id", "duplicate id", f"{q.id!r}, first at row {seen[q.id]}"))
@@ -157,8 +136,5 @@ def check_parquet(path: str | Path) -> tuple[list[Question], list[RowError]]:
 def read_parquet(path: str | Path) -> list[Question]:
     """Load and validate; any bad row is an error naming its number and field."""
     good, errors = check_parquet(path)
-    if errors:
-        shown = "\n  ".join(str(e) for e in errors[:20])
-        more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
-        raise ValueError(f"{path}: {len(errors)} bad rows:\n  {shown}{more}")
+    raise_row_errors(str(path), errors)
     return good

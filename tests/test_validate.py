@@ -55,7 +55,7 @@ def test_every_error_names_its_row_and_field(bad_file):
 
 
 def test_read_parquet_refuses_bad_rows(bad_file):
-    with pytest.raises(ValueError, match="8 bad rows") as e:
+    with pytest.raises(ValueError, match="8 problems in 8 rows") as e:
         qio.read_parquet(bad_file)
     assert "row 7: outcome" in str(e.value)
 
