@@ -40,7 +40,9 @@ def ray_local():
     import ray
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false",
+                                       # actors defined in test modules (pytest imports them from tests/)
+                                       "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}})
     yield ray
     ray.shutdown()
 

@@ -26,7 +26,8 @@ class Probe(RolloutWorker):
                  "messages": c.messages, "question": c.instance.question} for c in self._converse(instances, n)]
 
     def set_rollout(self, **overrides):
-        self._rollout.cfg = self._rollout.cfg.model_copy(update=overrides)
+        """The worker's rollout settings (its deadlines) and the conversation loop's, changed together."""
+        self.cfg.rollout = self._rollout.cfg = self.cfg.rollout.model_copy(update=overrides)
 
     def fail_first_tool_turn(self):
         original = type(self._rollout)._tool_results
