@@ -1,8 +1,7 @@
 """`ray job submit`, for real: a head started with `ray start --head` on 127.0.0.1 with the dashboard, the dice
-recipe submitted with `ray job submit --working-dir .`, its logs, its run folder (a `file://` URI: a folder the
-driver does not own), and its training metrics scraped from the node's metrics export port while it runs; then a
-second job stopped with `ray job stop` mid-run, which must save a complete checkpoint and end cleanly; then
-`ray stop`.
+recipe submitted with `ray job submit --working-dir .`, its logs and its run folder (a `file://` URI: a folder the
+driver does not own); then a second job, its training metrics scraped from the node's metrics export port while it
+runs, stopped with `ray job stop` mid-run, which must save a complete checkpoint and end cleanly; then `ray stop`.
 
 The job asks for the grace its stop needs: `RAY_JOB_STOP_WAIT_TIME_S` in its runtime_env (Ray's default, 3 s,
 is less than a step and a save of a real model take)."""
@@ -111,16 +110,9 @@ def scrape(port, run) -> dict:
     return out
 
 
-def test_submit_runs_to_success_and_exports_metrics(head, tiny_model):
+def test_submit_runs_to_success(head, tiny_model):
     env, ports, out = head
-    port = metrics_export_port(env, ports)
-    assert port == ports["metrics"]
     submit(env, "job1", out, tiny_model, "run.steps=30")
-    seen = wait_for(lambda: (m := scrape(port, "job1")).get("ray_forecast_grpo_step", 0) >= 1 and m, 300,
-                    "the job's metrics in the node's export")
-    assert seen["ray_forecast_grpo_reward_mean"] < 0 and seen["ray_forecast_grpo_tokens_per_second"] > 0
-    assert 0 <= seen["ray_forecast_grpo_format_fail_rate"] <= 1 and seen["ray_forecast_grpo_staleness"] in (0, 1)
-    assert seen.get("ray_forecast_grpo_leak_violations_total", 0) == 0
     assert wait_for(lambda: status(env, "job1") in ("SUCCEEDED", "FAILED", "STOPPED") and status(env, "job1"), 600,
                     "job1 to end") == "SUCCEEDED"
     logs = ray_cli(env, "job", "logs", "job1").stdout
@@ -131,12 +123,20 @@ def test_submit_runs_to_success_and_exports_metrics(head, tiny_model):
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 30
 
 
-def test_job_stop_saves_a_complete_checkpoint_and_ends_cleanly(head, tiny_model):
-    env, _, out = head
+def test_metrics_are_exported_and_job_stop_saves_a_complete_checkpoint(head, tiny_model):
+    """A job that runs until it is stopped: its metrics are scraped while it runs (a 30-step job can end before the
+    node's next export), then `ray job stop` ends it."""
+    env, ports, out = head
+    port = metrics_export_port(env, ports)
+    assert port == ports["metrics"]
     submit(env, "job2", out, tiny_model, "run.steps=100000")
     run_dir = out / "job2"
-    wait_for(lambda: (run_dir / "metrics.jsonl").exists() and len((run_dir / "metrics.jsonl").read_text()
-                                                                  .splitlines()) >= 2, 300, "job2's first steps")
+    seen = wait_for(lambda: (m := scrape(port, "job2")).get("ray_forecast_grpo_step", 0) >= 1 and m, 300,
+                    "the job's metrics in the node's export")
+    assert seen["ray_forecast_grpo_reward_mean"] < 0 and seen["ray_forecast_grpo_tokens_per_second"] > 0
+    assert 0 <= seen["ray_forecast_grpo_format_fail_rate"] <= 1 and seen["ray_forecast_grpo_staleness"] in (0, 1)
+    assert seen.get("ray_forecast_grpo_leak_violations_total", 0) == 0
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) >= 2
     stop = ray_cli(env, "job", "stop", "job2")
     assert stop.returncode == 0, stop.stderr[-2000:]
     assert wait_for(lambda: status(env, "job2") in ("SUCCEEDED", "FAILED", "STOPPED") and status(env, "job2"), 300,
