@@ -579,10 +579,10 @@ def train(cfg: JobConfig, resume: str | None = None) -> dict:
     from cluster.actors import RoleError
 
     check_model_path(cfg.model.path)
-    stop = StopRequest()
-    stop.install()
     storage, resume_from = open_run(cfg, resume)
     ray = init_ray(cfg)
+    stop = StopRequest()
+    stop.install()  # after ray.init, which replaces the driver's SIGTERM handler with one that exits at once
     storage.write_text("config.yaml", dump_config(cfg))
     print(f"run folder: {storage.uri}", flush=True)
     driver = Driver(cfg, storage, stop)

@@ -70,10 +70,17 @@ def submit(env, job_id, out, tiny_model, *sets, wait=False):
 
 
 def status(env, job_id) -> str:
-    """`ray job status` prints "Status for job 'ID': STATE"."""
+    """The job's state from `ray job status`: "Job 'ID' succeeded" / "was stopped" / "failed" once it has ended,
+    "Status for job 'ID': STATE" before."""
     out = ray_cli(env, "job", "status", job_id, timeout=60).stdout
-    lines = [ln for ln in out.splitlines() if ln.startswith(f"Status for job '{job_id}':")]
-    return lines[-1].rsplit(":", 1)[1].strip() if lines else ""
+    ended = {"succeeded": "SUCCEEDED", "was stopped": "STOPPED", "failed": "FAILED"}
+    for line in reversed(out.splitlines()):
+        if f"Status for job '{job_id}':" in line:
+            return line.rsplit(":", 1)[1].strip()
+        for words, state in ended.items():
+            if f"Job '{job_id}' {words}" in line:
+                return state
+    return ""
 
 
 def wait_for(predicate, timeout, what):
@@ -141,6 +148,8 @@ def test_metrics_are_exported_and_job_stop_saves_a_complete_checkpoint(head, tin
     assert stop.returncode == 0, stop.stderr[-2000:]
     assert wait_for(lambda: status(env, "job2") in ("SUCCEEDED", "FAILED", "STOPPED") and status(env, "job2"), 300,
                     "job2 to end") == "STOPPED"
+    # Ray reports STOPPED once it has sent SIGTERM; the driver then finishes its step and saves (within the grace)
+    wait_for(lambda: (run_dir / "summary.json").exists(), 150, "job2's summary after the stop")
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["stopped_early"] and summary["steps"] >= 2
     ckpt = run_dir / "checkpoints" / f"step_{summary['steps']:06d}"
