@@ -9,7 +9,8 @@ being lost (verl #6501). A template that is not append-only for tool turns is an
 
 **Concurrent.** Each turn is a request of its own on the engine's continuous batch (`engine.TurnEngine`); the
 tool calls of every conversation run at once on one event loop (`ToolRunner`, a pooled HTTP client to the tool
-service), and a conversation waiting on a tool holds nobody back: the engine keeps decoding the others.
+service) that turns between the engine's steps, and a conversation waiting on a tool holds nobody back: the engine
+keeps decoding the others. A call asked already in the batch shares the first one's answer.
 
 **Bounded.** Every conversation has a wall-clock deadline (`rollout.trajectory_timeout_s`): a straggler ends as
 truncated with the reason `deadline`. Turns, calls and tokens have budgets (`rollout.max_turns`, `max_tool_calls`,
@@ -20,8 +21,9 @@ batch and counted; it never fails the step.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import threading
+import dataclasses
+import functools
+import json
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -32,6 +34,7 @@ from rollout.engine import Sample, TurnEngine
 from rollout.task import Instance
 
 END_OF_TURN = "<|im_end|>"
+DRAIN_TURNS = 8
 
 
 @dataclass(eq=False)  # identity: two conversations are never the same one
@@ -57,7 +60,7 @@ class Conversation:
     """answer | length (a turn hit its token cap) | budget | turns | deadline | eos | failed"""
     failure: str = ""
     request: str | None = None
-    pending: concurrent.futures.Future | None = None
+    pending: asyncio.Task | None = None
 
     @property
     def done(self) -> bool:
@@ -72,6 +75,16 @@ class ToolSuffix:
         self.dummy = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
         text = tokenizer.apply_chat_template(self.dummy, tools=schemas, tokenize=False)
         self.prefix = text[:text.rindex(END_OF_TURN) + len(END_OF_TURN)]
+        # rendering and tokenising cost milliseconds, and a group's samples read the same pages
+        self.ids = functools.lru_cache(maxsize=4096)(self.ids)
+        self.cut = functools.lru_cache(maxsize=4096)(self.cut)
+
+    def cut(self, content: str, max_tokens: int) -> str:
+        """A result cut to `max_tokens` tokens (`rollout.max_tool_response_tokens`), marked where it was."""
+        ids = self.tokenizer(content, add_special_tokens=False)["input_ids"]
+        if len(ids) <= max_tokens:
+            return content
+        return self.tokenizer.decode(ids[:max_tokens]) + " [cut]"
 
     def text(self, contents: list[str]) -> str:
         full = self.tokenizer.apply_chat_template(self.dummy + [{"role": "tool", "content": c} for c in contents],
@@ -81,54 +94,99 @@ class ToolSuffix:
                                "multi-turn trajectories would not be token-exact")
         return full[len(self.prefix):]
 
-    def ids(self, contents: list[str]) -> list[int]:
-        return self.tokenizer(self.text(contents), add_special_tokens=False)["input_ids"]
+    def ids(self, contents: tuple[str, ...]) -> tuple[int, ...]:
+        return tuple(self.tokenizer(self.text(list(contents)), add_special_tokens=False)["input_ids"])
 
 
 class ToolRunner:
-    """An event loop on its own thread, with one pooled client to the tool service; calls come back as futures."""
+    """The tool calls of a whole batch on one event loop, with one pooled client to the tool service.
+
+    The loop runs on the caller's thread, between engine steps (`wait`), never on a thread of its own: there it
+    contended with the engine's forward pass for the GIL and the core, and every decoding step took twice as long
+    (bench/README.md, "Multi-turn cost"). Calls in flight still overlap each other and the engine's steps: the
+    service answers in its own process while the engine decodes.
+    """
 
     def __init__(self, url: str | None, timeout_s: float):
         self.timeout_s = timeout_s
         self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="tool-calls", daemon=True)
-        self.thread.start()
         self.client = None
         self.set_url(url)
 
     def set_url(self, url: str | None) -> None:
         """Point at a (restarted) service; the old client's connections are closed."""
         old, self.client = self.client, None
+        self.new_batch()
         if url:
             from tools.client import ToolClient
 
             async def make():
                 return ToolClient(url, timeout_s=self.timeout_s)
 
-            self.client = asyncio.run_coroutine_threadsafe(make(), self.loop).result()
+            self.client = self.loop.run_until_complete(make())
         if old is not None:
-            asyncio.run_coroutine_threadsafe(old.aclose(), self.loop).result()
+            self.loop.run_until_complete(old.aclose())
 
-    def submit(self, calls: list, as_of, kinds: list[str]) -> concurrent.futures.Future:
-        client, timeout = self.client, self.timeout_s + 1.0
+    def new_batch(self) -> None:
+        """Forget the answers shared so far: they are shared within one batch of conversations only."""
+        self._shared = {}
 
-        async def one(call):
-            if client is None and isinstance(call, tool_calls.Call):
-                return tool_calls.Result("error (unavailable): no tool service is running", error="unavailable")
+    def submit(self, calls: list, as_of, kinds: list[str]) -> asyncio.Task:
+        """The calls' results (a list of `tool_calls.Result`, in order) as a task that runs while `wait` does.
+
+        A call asked already in this batch (same tool, arguments and date: a group's samples mostly ask the same
+        page) shares that call's answer instead of asking the service again, unless that answer was one that
+        might change on asking again (`tool_calls.SETTLED` says which do not). A shared answer counts as a cache
+        hit: it needed no upstream request.
+        """
+        client, timeout, shared = self.client, self.timeout_s + 1.0, self._shared
+
+        async def ask(call):
             try:
                 return await asyncio.wait_for(tool_calls.run_call(call, client, as_of, kinds), timeout)
             except asyncio.TimeoutError:
                 return tool_calls.Result(f"error (unavailable): no answer within {timeout:.0f}s", error="unavailable")
 
+        async def one(call):
+            if isinstance(call, tool_calls.BadCall):
+                return await tool_calls.run_call(call, client, as_of, kinds)
+            if client is None:
+                return tool_calls.Result("error (unavailable): no tool service is running", error="unavailable")
+            key = (call.name, json.dumps(call.args, sort_keys=True), call.note, as_of)
+            first = shared.get(key)
+            if first is None or (first.done() and first.result().error not in tool_calls.SETTLED):
+                first = shared[key] = self.loop.create_task(ask(call))
+                return await asyncio.shield(first)  # a conversation past its deadline leaves it to the others
+            result = await asyncio.shield(first)
+            return result if result.cache_hit is None else dataclasses.replace(result, cache_hit=True)
+
         async def all_calls():
             return await asyncio.gather(*(one(c) for c in calls))
 
-        return asyncio.run_coroutine_threadsafe(all_calls(), self.loop)
+        return self.loop.create_task(all_calls())
+
+    def wait(self, tasks: list[asyncio.Task], timeout: float, every: bool = False) -> None:
+        """Run the loop until one of `tasks` (all of them, with `every`) is done or `timeout` seconds have passed;
+        timeout 0 does only what is ready now (answers already in, requests to send)."""
+        async def waiting():
+            if tasks and timeout > 0:
+                await asyncio.wait(tasks, timeout=timeout,
+                                   return_when=asyncio.ALL_COMPLETED if every else asyncio.FIRST_COMPLETED)
+            # A call takes a few loop turns to go out and a few to come back (tasks, the pool, the socket): give
+            # each a few, so that answers in by now and requests just made all move on, not one stage per step.
+            for _ in range(DRAIN_TURNS):
+                await asyncio.sleep(0)
+
+        self.loop.run_until_complete(waiting())
 
     def close(self) -> None:
         self.set_url(None)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=5)
+        pending = asyncio.all_tasks(self.loop)
+        for t in pending:
+            t.cancel()
+        if pending:
+            self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        self.loop.close()
 
 
 class Rollout:
@@ -144,6 +202,7 @@ class Rollout:
     def run(self, convs: list[Conversation], temperature: float) -> list[Conversation]:
         self._requests: dict[str, Conversation] = {}
         self._temperature = temperature
+        self.runner.new_batch()
         # One conversation per question starts first; the rest of its group once the engine has computed (and
         # cached) the shared prompt, instead of computing it G times in the same step.
         leaders = {id(c.instance): c for c in reversed(convs)}
@@ -167,12 +226,11 @@ class Rollout:
                     if c is not None:
                         c.request = None
                         self._guard(c, self._finish_turn, c, sample)
-            elif not followers:
-                waiting = [c.pending for c in live if c.pending is not None]
-                if waiting:
-                    nearest = min(c.deadline for c in live if not c.done) - time.monotonic()
-                    concurrent.futures.wait(waiting, timeout=max(0.0, nearest),
-                                            return_when=concurrent.futures.FIRST_COMPLETED)
+            waiting = [c.pending for c in live if c.pending is not None]
+            if waiting:  # calls out: let their answers in; block on them only when the engine has nothing to do
+                idle = not self.engine.busy() and not followers
+                nearest = min(c.deadline for c in live if not c.done) - time.monotonic()
+                self.runner.wait(waiting, timeout=max(0.0, nearest) if idle else 0.0)
             for c in followers:  # their prompts are cached by now (or there was nothing to compute)
                 self._guard(c, self._start_turn, c)
             followers = []
@@ -242,8 +300,8 @@ class Rollout:
             if r.cache_hit is not None:
                 c.cache_lookups += 1
                 c.cache_hits += r.cache_hit
-            contents.append(self._cut(r.content))
-        ids = self.suffix.ids(contents)
+            contents.append(self.suffix.cut(r.content, self.cfg.max_tool_response_tokens))
+        ids = self.suffix.ids(tuple(contents))
         if len(c.ids) + len(ids) >= min(self.cfg.max_trajectory_tokens, self.cfg.max_model_len - len(c.prompt)):
             c.end = "budget"
             return
@@ -253,8 +311,3 @@ class Rollout:
         c.messages += [{"role": "tool", "content": text} for text in contents]
         self._start_turn(c)
 
-    def _cut(self, content: str) -> str:
-        ids = self.tokenizer(content, add_special_tokens=False)["input_ids"]
-        if len(ids) <= self.cfg.max_tool_response_tokens:
-            return content
-        return self.tokenizer.decode(ids[:self.cfg.max_tool_response_tokens]) + " [cut]"

@@ -28,6 +28,9 @@ MAX_ARGUMENT_CHARS = 512
 MAX_TITLE_BYTES = 255
 DATE_ARGUMENTS = ("as_of", "asof", "date", "as_of_date", "when", "time", "timestamp", "day", "year")
 """Arguments a model may invent to pick the date; they are dropped (with a note), the question's date is used."""
+SETTLED = (None, "bad_request", "invalid_title", "missing", "not_yet", "offline_miss")
+"""Answers that asking again the same day cannot change: what a page or a search showed as of a date is fixed.
+(Not: leak, upstream, internal, unavailable.)"""
 _CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.S)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 

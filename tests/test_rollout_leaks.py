@@ -41,10 +41,12 @@ def test_ten_thousand_model_calls_let_nothing_later_into_a_conversation(tmp_path
         try:
             for _ in range(100):  # 100 rollout batches of 100 calls, all in flight at once
                 batch = [(rng.choice(dates), model_call(rng, titles, queries)) for _ in range(100)]
-                futures = [(as_of, runner.submit(tool_calls.parse_calls(text, KINDS), as_of, KINDS))
-                           for as_of, text in batch]
-                for as_of, fut in futures:
-                    for r in fut.result(timeout=120):
+                runner.new_batch()  # as a rollout batch does: repeated calls share an answer within it only
+                tasks = [(as_of, runner.submit(tool_calls.parse_calls(text, KINDS), as_of, KINDS))
+                         for as_of, text in batch]
+                runner.wait([t for _, t in tasks], timeout=120, every=True)
+                for as_of, task in tasks:
+                    for r in task.result():
                         results += 1
                         kinds[r.error or "ok"] = kinds.get(r.error or "ok", 0) + 1
                         later = [t for t in r.shown if t > f"{as_of}T23:59:59Z"]

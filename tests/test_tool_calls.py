@@ -122,3 +122,49 @@ def test_the_audit_withholds_what_a_lying_service_shows_from_later():
     assert [r.leak_violation for r in results] == [True, True, False]
     assert all("FUTURE" not in r.content for r in results)
     assert results[2].error is None and "today's fact" in results[2].content
+
+
+def test_a_batch_asks_the_service_once_per_distinct_call_and_again_after_a_transient_error():
+    from rollout.multiturn import ToolRunner
+
+    asked = []
+    app = FastAPI()
+
+    @app.get("/revision")
+    def revision(title: str, as_of: str):
+        asked.append(title)
+        if title == "Flaky" and asked.count("Flaky") == 1:
+            return {"error": {"code": "upstream", "message": "try again"}}
+        return {"title": title, "revid": 1, "timestamp": "2020-01-01T00:00:00Z", "text": f"about {title}",
+                "cache": "miss"}
+
+    running = run_app_in_thread(app)
+    runner = ToolRunner(running.url, timeout_s=10)
+    day = dt.date(2021, 1, 1)
+
+    def ask(titles, as_of=day):
+        calls = [tool_calls.Call("wiki", {"title": t}) for t in titles]
+        task = runner.submit(calls, as_of, ["wiki"])
+        runner.wait([task], timeout=30, every=True)
+        return task.result()
+
+    try:
+        runner.new_batch()
+        tasks = [runner.submit([tool_calls.Call("wiki", {"title": "Kato"})], day, ["wiki"]) for _ in range(8)]
+        runner.wait(tasks, timeout=0)  # the first asker's request is out...
+        tasks[0].cancel()  # ...when its conversation passes its deadline: the others still get the answer
+        runner.wait(tasks[1:], timeout=30, every=True)
+        shared = [t.result()[0] for t in tasks[1:]]
+        assert asked == ["Kato"] and "about Kato" in shared[0].content
+        assert all(r.content == shared[0].content and r.cache_hit for r in shared)  # no upstream request for them
+        kato, ito = ask(["Kato", "Ito"])
+        assert kato.content == shared[0].content and ito.cache_hit is False and "about Ito" in ito.content
+        ask(["Kato"], day + dt.timedelta(days=1))  # another date is another call
+        assert asked == ["Kato", "Ito", "Kato"]
+        assert ask(["Flaky"])[0].error == "upstream" and ask(["Flaky"])[0].error is None  # asked again
+        runner.new_batch()
+        ask(["Ito"])
+        assert asked == ["Kato", "Ito", "Kato", "Flaky", "Flaky", "Ito"]
+    finally:
+        runner.close()
+        running.stop()
