@@ -114,7 +114,9 @@ def main():
                 raw_tps.append(model_tokens / raw_s)
             calls = sum(c.calls for c in convs)
             hits = sum(c.cache_hits for c in convs)
-            print(f"round {r}: {len(convs)} conversations, {calls} tool calls ({hits} cache hits), {model_tokens} "
+            asked = len(worker._rollout.runner._shared)  # distinct calls: the rest shared their answers
+            print(f"round {r}: {len(convs)} conversations, {calls} tool calls ({asked} distinct, {hits} cache hits), "
+                  f"{model_tokens} "
                   f"model tokens; tools on {on_s:.2f}s, tools off {off_s:.2f}s, raw replay {raw_s:.2f}s", flush=True)
     finally:
         proc.kill()
