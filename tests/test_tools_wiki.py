@@ -194,7 +194,8 @@ def test_a_later_revision_is_refused_counted_and_not_kept(wiki):
     client = make()
     leak, redirected, search = run(lambda **_: client, get("Bitcoin", D(2018, 1, 1)), get("Twitter", D(2016, 1, 1)),
                                    lambda c: c.search("bitcoin", D(2018, 1, 1)))
-    assert leak.code == "leak" and "revision 1004 of 2024-03-14T09:00:00Z; refused" in leak.message
+    assert leak.code == "leak" and "refused" in leak.message
+    assert "1004" not in leak.message and "2024" not in leak.message  # the later edit's date is a leak too
     assert redirected.code == "leak"
     assert search.results == []
     assert client.metrics.leaks_refused._value.get() == 3

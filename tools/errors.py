@@ -20,6 +20,8 @@ from __future__ import annotations
 HTTP_STATUS = {"bad_request": 400, "invalid_title": 400, "missing": 404, "not_yet": 404, "offline_miss": 404,
                "leak": 502, "upstream": 502, "internal": 500}
 CODES = (*HTTP_STATUS, "unavailable")
+UNDATED = " (what it showed, and when, is in the service's log only: the date of a later edit is itself a leak)"
+"""Ends every `leak` message, which the model reads: it never names the later revision, item or date."""
 
 
 class ToolError(Exception):

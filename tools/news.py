@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import json
+import logging
 import sqlite3
 import threading
 from collections import Counter
@@ -26,10 +27,12 @@ import pyarrow.parquet as pq
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict
 
 from tools.config import NewsConfig
-from tools.errors import ToolError
+from tools.errors import UNDATED, ToolError
 from tools.fts import fts_match
 from tools.metrics import ToolMetrics
 from tools.rows import RowError, validate_row
+
+log = logging.getLogger(__name__)
 
 CORPUS_SCHEMA = pa.schema([
     pa.field("date", pa.date32(), nullable=False),
@@ -198,7 +201,8 @@ class NewsIndex:
         later = [r for r in rows if r[0] > as_of.isoformat()]
         if later:  # the query above cannot return these; checked again because this is what the model sees
             self.metrics.leaks_refused.inc(len(later))
-            raise ToolError("leak", f"news as of {as_of} found items dated {sorted({r[0] for r in later})}; refused")
+            log.warning("refused: news as of %s found items dated %s", as_of, sorted({r[0] for r in later}))
+            raise ToolError("leak", f"news as of {as_of} found later items; refused{UNDATED}")
         return [dict(date=d, title=t, summary=s, source=src, url=u) for d, t, s, src, u in rows]
 
     def close(self) -> None:

@@ -23,6 +23,7 @@ import asyncio
 import dataclasses
 import datetime as dt
 import email.utils
+import logging
 import random
 import re
 from typing import NamedTuple
@@ -32,9 +33,11 @@ import httpx
 from tools.asof import check_timestamp, end_of, is_after, is_over
 from tools.cache import Cached, WikiCache, title_key
 from tools.config import WikiConfig
-from tools.errors import ToolError
+from tools.errors import UNDATED, ToolError
 from tools.metrics import ToolMetrics
 from tools.wikitext import TextBudget, redirect_target
+
+log = logging.getLogger(__name__)
 
 MAX_REDIRECT_HOPS = 3
 RETRYABLE_API_ERRORS = {"maxlag", "ratelimited"}
@@ -252,8 +255,10 @@ class WikiRevisionClient:
                                 f"timestamp ({ts!r}); refused") from None
             if is_after(ts, as_of):
                 self.metrics.leaks_refused.inc()
-                raise ToolError("leak", f"asked for {page.title!r} as of {as_of}, the wiki answered with revision "
-                                f"{rev.get('revid')} of {ts}; refused")
+                log.warning("refused: %r as of %s answered with revision %s of %s", page.title, as_of,
+                            rev.get("revid"), ts)
+                raise ToolError("leak", f"asked for {page.title!r} as of {as_of}, the wiki answered with a later "
+                                f"revision; refused{UNDATED}")
         rev = revisions[0]
         wikitext = _content(rev)
         if not isinstance(rev.get("revid"), int) or wikitext is None:
@@ -317,8 +322,8 @@ class WikiRevisionClient:
             raise _status_error(c.status, c.resolved_title or title, as_of, c.redirected_from)
         if is_after(c.timestamp, as_of):  # only a hand-made cache file could hold this
             self.metrics.leaks_refused.inc()
-            raise ToolError("leak", f"the cache maps {title!r} as of {as_of} to revision {c.revid} of "
-                            f"{c.timestamp}; refused")
+            log.warning("refused: the cache maps %r as of %s to revision %s of %s", title, as_of, c.revid, c.timestamp)
+            raise ToolError("leak", f"the cache maps {title!r} as of {as_of} to a later revision; refused{UNDATED}")
         return Revision(c.title, title, c.revid, c.timestamp, as_of, c.text, c.redirected_from, "hit")
 
     async def get(self, title: str, as_of: dt.date) -> Revision:
@@ -403,6 +408,6 @@ class WikiRevisionClient:
         later = [r for r in results if is_after(r["timestamp"], as_of)]
         if later:  # cannot happen through this client; a guard on what the model is shown
             self.metrics.leaks_refused.inc(len(later))
-            raise ToolError("leak", f"search as of {as_of} found later revisions {[r['revid'] for r in later]}; "
-                            "refused")
+            log.warning("refused: search as of %s found later revisions %s", as_of, [r["revid"] for r in later])
+            raise ToolError("leak", f"search as of {as_of} found later revisions; refused{UNDATED}")
         return results
