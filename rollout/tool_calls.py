@@ -8,7 +8,8 @@ question's date. A model that passes a date anyway gets the as-of answer and a n
 A bad call (invalid JSON, an unknown tool, wrong or huge arguments, a title with control characters, one call too
 many) is answered with an error message in place of a result, and counted by kind; nothing raises. Every result
 carries the timestamps of what it shows, and `run_call` checks them against the as-of date itself (the leak audit):
-content from after that date is never shown, whatever the service said.
+content from after that date is never shown, whatever the service said. Nor is what only the future knows: a page
+created after the date reads exactly as one that never existed.
 """
 
 from __future__ import annotations
@@ -81,6 +82,25 @@ def schemas(kinds: list[str]) -> list[dict]:
         out.append({"type": "function",
                     "function": {"name": name, "description": model.__doc__.strip(), "parameters": params}})
     return out
+
+
+REQUIRED_ARGUMENT_CHARS = 60
+"""Per argument, in a call forced by `task.tool_choice: required` (60 characters fit any title's 255 bytes)."""
+
+
+def call_pattern(kinds: list[str]) -> str:
+    """A regular expression for one call of any of the functions, in the Hermes format the model writes: what
+    `task.tool_choice: required` constrains a first turn to. Its strings are JSON strings without escapes or control
+    characters, so whatever it lets through is a valid call (`parse_calls`)."""
+    char = r'[^"\\\x00-\x1f\x7f]'
+    string = rf'"{char[:-1]} ]{char}{{0,{REQUIRED_ARGUMENT_CHARS - 1}}}"'  # not blank: arguments are stripped
+    alternatives = []
+    for name, (model, _) in functions(kinds).items():
+        if any(f.annotation is not str for f in model.model_fields.values()):
+            raise TypeError(f"{name}: call_pattern knows string arguments only")
+        args = ", ".join(f'"{field}": {string}' for field in model.model_fields)
+        alternatives.append(rf'\{{"name": "{name}", "arguments": \{{{args}\}}\}}')
+    return r"<tool_call>\n(" + "|".join(alternatives) + r")\n</tool_call>"
 
 
 @dataclass
@@ -184,6 +204,8 @@ async def run_call(call: Call | BadCall, client, as_of: dt.date, kinds: list[str
     try:
         body = await getattr(client, endpoint)(arg, as_of)
     except ToolError as e:
+        if e.code in ("missing", "not_yet"):  # the same words for both: that a page will exist is itself a leak
+            return Result(f"error (missing): there is no page {arg!r} as of {as_of}", error=e.code)
         return Result(f"error ({e.code}): {e.message}", error=e.code)
     except (asyncio.TimeoutError, OSError) as e:
         return Result(f"error (unavailable): the tool service did not answer ({type(e).__name__})", error="unavailable")

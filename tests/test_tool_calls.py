@@ -7,6 +7,7 @@ import json
 
 import pytest
 from fastapi import FastAPI
+from fastapi.responses import JSONResponse
 
 from rollout import tool_calls, tool_world
 from tools.client import ToolClient
@@ -96,6 +97,23 @@ def test_service_errors_reach_the_model_as_messages(world_service):
     (r,) = _run(world_service, '<tool_call>{"name": "wiki", "arguments": {"title": "Nobody Here"}}</tool_call>',
                 dt.date(2025, 1, 1))
     assert r.error == "offline_miss" and r.content.startswith("error (offline_miss)")
+    app = FastAPI()
+
+    @app.get("/revision")
+    def revision(title: str, as_of: str):
+        code = "not_yet" if title == "ChatGPT" else "missing"
+        return JSONResponse({"error": {"code": code, "message": f"{title!r}: the service's own words"}}, 404)
+
+    running = run_app_in_thread(app)
+    try:
+        later, never = (_run(running.url, '<tool_call>{"name": "wiki", "arguments": {"title": "' + t + '"}}'
+                             '</tool_call>', dt.date(2020, 1, 1))[0] for t in ("ChatGPT", "Nobody"))
+    finally:
+        running.stop()
+    # counted as what they are, but a page created after the date reads as one that never was: no future in it
+    assert (later.error, never.error) == ("not_yet", "missing")
+    assert later.content.replace("ChatGPT", "Nobody") == never.content == \
+        "error (missing): there is no page 'Nobody' as of 2020-01-01"
     (u,) = _run("http://127.0.0.1:9", '<tool_call>{"name": "wiki", "arguments": {"title": "Kato"}}</tool_call>',
                 dt.date(2025, 1, 1))
     assert u.error == "unavailable"
