@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tools.config import ToolsConfig
 
@@ -57,6 +57,18 @@ class TaskConfig(_Strict):
     tool_error_penalty: float = Field(0.0, ge=0.0)
     """Subtracted from a trajectory's reward for each bad tool call (invalid JSON, unknown tool, bad arguments,
     too many calls); 0 = the error message is the only consequence."""
+    tool_choice: Literal["auto", "required"] = "auto"
+    """auto: the model calls a tool or answers, as it likes. required: the first turn of every conversation is a
+    tool call: decoding is constrained to the call format (`tool_calls.call_pattern`), and the model picks the tool
+    and its arguments within it. For a model that does not call on its own yet. The sampler's logprobs are then
+    those of the constrained distribution; the learner's truncated importance weights (`grpo.tis_cap`, on by
+    default) correct for it."""
+
+    @model_validator(mode="after")
+    def _tool_choice_needs_tools(self) -> "TaskConfig":
+        if self.tool_choice == "required" and not self.tools:
+            raise ValueError("task.tool_choice 'required' needs task.tools: there is no tool to call")
+        return self
 
 
 class RolloutConfig(_Strict):

@@ -125,14 +125,18 @@ class TurnEngine:
         self.engine, self.tokenizer = llm.llm_engine, tokenizer
         self._count = 0
 
-    def submit(self, prompt: list[int], *, max_tokens: int, temperature: float, top_p: float) -> str:
+    def submit(self, prompt: list[int], *, max_tokens: int, temperature: float, top_p: float,
+               pattern: str | None = None) -> str:
+        """pattern: a regular expression the turn must match (constrained decoding, vLLM's structured outputs)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import StructuredOutputsParams
 
         self._count += 1
         rid = f"turn-{self._count}"
         params = SamplingParams(n=1, temperature=temperature, top_p=top_p, max_tokens=max_tokens, logprobs=0,
-                                flat_logprobs=True, detokenize=False)
+                                flat_logprobs=True, detokenize=False,
+                                structured_outputs=StructuredOutputsParams(regex=pattern) if pattern else None)
         self.engine.add_request(rid, TokensPrompt(prompt_token_ids=prompt), params)
         return rid
 

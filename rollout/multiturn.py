@@ -192,9 +192,12 @@ class ToolRunner:
 class Rollout:
     """Runs a batch of conversations to their ends. One per worker; `run` may be called for every batch."""
 
-    def __init__(self, engine: TurnEngine, tokenizer, runner: ToolRunner, cfg: RolloutConfig, kinds: list[str]):
+    def __init__(self, engine: TurnEngine, tokenizer, runner: ToolRunner, cfg: RolloutConfig, kinds: list[str],
+                 first_call_required: bool = False):
         self.engine, self.tokenizer, self.runner, self.cfg, self.kinds = engine, tokenizer, runner, cfg, kinds
         self.suffix = ToolSuffix(tokenizer, tool_calls.schemas(kinds))
+        self.first_turn_pattern = tool_calls.call_pattern(kinds) if first_call_required else None
+        """`task.tool_choice: required`: every conversation's first turn is constrained to one tool call."""
         self.end_of_turn = tokenizer.convert_tokens_to_ids(END_OF_TURN)
         if self.end_of_turn is None or self.end_of_turn == tokenizer.unk_token_id:
             raise ValueError(f"the tokenizer has no {END_OF_TURN} token: tool turns need a ChatML chat template")
@@ -263,7 +266,7 @@ class Rollout:
             c.end = "budget"
             return
         c.request = self.engine.submit(c.prompt + c.ids, max_tokens=room, temperature=self._temperature,
-                                       top_p=self.cfg.top_p)
+                                       top_p=self.cfg.top_p, pattern=None if c.turns else self.first_turn_pattern)
         self._requests[c.request] = c
 
     def _finish_turn(self, c: Conversation, s: Sample) -> None:

@@ -47,7 +47,7 @@ class RolloutWorker:
 
             runner = ToolRunner(tool_url, cfg.tools.service.request_timeout_s)
             self._rollout = Rollout(engine.TurnEngine(self.llm, self.tokenizer), self.tokenizer, runner,
-                                    cfg.rollout, self.kinds)
+                                    cfg.rollout, self.kinds, first_call_required=cfg.task.tool_choice == "required")
 
     def ready(self) -> dict:
         return {"worker": self.index, "version": self.version}

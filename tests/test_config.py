@@ -34,6 +34,9 @@ def test_cross_field_checks():
     with pytest.raises(ConfigError, match="task.data"):
         load_config(None, ["task.source=parquet"])
     assert load_config(None, ["sync.overlap=true", "sync.max_staleness=1"]).sync.overlap
+    with pytest.raises(ConfigError, match="task.tool_choice 'required' needs task.tools"):
+        load_config(None, ["task.tool_choice=required"])
+    assert load_config(None, ["task.tool_choice=required", "task.tools=[wiki]"]).task.tool_choice == "required"
 
 
 def test_missing_and_malformed_files(tmp_path):

@@ -13,7 +13,7 @@ import pytest
 from rollout import importers
 from rollout import questions as qio
 from tests.conftest import ROOT, SHARED, needs_shared
-from tests.fake_mediawiki import FakeMediaWiki
+from tests.fake_mediawiki import ILLEGAL, FakeMediaWiki, normalise
 
 pytestmark = pytest.mark.e2e
 FB = SHARED / "data" / "forecastbench"
@@ -72,11 +72,27 @@ def test_tool_world_loop(tmp_path, tiny_model, tool_world_files):
     assert "leak violations" in res.stdout
 
 
+class EveryTitle(FakeMediaWiki):
+    """A lying upstream where every title the model asks for exists: a revision from long before the questions and
+    one from after them, which it shows for half of the requests whatever date was asked."""
+
+    def _revisions(self, p, lie, cut):
+        title = normalise(p.get("titles", ""))
+        if title and not ILLEGAL.search(title) and title not in self.pages:
+            n = len(self.pages)
+            self.pages[title] = [{"revid": 2 * n + 1, "timestamp": "2015-01-01T00:00:00Z",
+                                  "content": f"{title} is a page from 2015."},
+                                 {"revid": 2 * n + 2, "timestamp": "2030-01-01T00:00:00Z",
+                                  "content": f"{title} was WRITTEN IN 2030."}]
+            self.pageids[title] = len(self.pageids) + 1
+        return super()._revisions(p, lie, cut)
+
+
 @needs_shared(FB)
 def test_forecastbench_questions_with_the_wiki_tool(tmp_path, tiny_model):
-    """Real questions train with the wiki tool offered and the upstream configured. The tiny model never calls it on
-    them (its warm start teaches calls on tool-world players only), so this checks the path around the calls: the
-    tools in every prompt, masks, the audit; calls through the client to a fake upstream are tools' own tests."""
+    """Real questions train with the wiki tool, its calls going through the real service and client to a lying fake
+    of the MediaWiki API. The tiny model calls tools on its own only on tool-world players, so the first turn is a
+    required call (task.tool_choice: required): the model still writes the title."""
     from transformers import AutoTokenizer
 
     qs, _ = importers.import_forecastbench(FB / "2025-10-26-llm.json", FB / "2025-10-26_resolution_set.json")
@@ -84,21 +100,30 @@ def test_forecastbench_questions_with_the_wiki_tool(tmp_path, tiny_model):
     market = [q for q in short if q.market_prob is not None][:6]
     data = tmp_path / "fb.parquet"
     qio.write_parquet(market, data)
-    with FakeMediaWiki() as wiki:
+    with EveryTitle({"pages": {}}) as wiki:
+        wiki.lie = 0.5
         res = train(tmp_path, tiny_model, "run.name=fb", "run.steps=2", "task.source=parquet", f"task.data={data}",
-                    "task.families=[]", "rollout.prompts_per_step=4", "rollout.max_model_len=1024",
+                    "task.families=[]", "task.tool_choice=required", "rollout.prompts_per_step=4",
+                    "rollout.max_model_len=1024", "rollout.max_new_tokens=64", "rollout.max_trajectory_tokens=320",
                     f"tools.wiki.endpoint={wiki.url}", "tools.wiki.offline=false", "tools.wiki.snapshot=null",
                     f"tools.wiki.cache={tmp_path / 'fb-cache.sqlite'}", "tools.wiki.contact=tests@example.org")
+        asked = {r["params"].get("titles") for r in wiki.requests} - {None}
     assert "tool service: http://" in res.stdout
     m = metrics(tmp_path / "fb")
-    assert [r["step"] for r in m] == [0, 1] and all(r["leak_violations"] == 0 for r in m)
-    check_trajectories(tmp_path / "fb")
+    assert [r["step"] for r in m] == [0, 1]
+    assert all(r["tool_calls"] > 0 and r["leak_violations"] == 0 for r in m)
+    assert sum(r.get("tool_errors_leak", 0) for r in m) > 0, m  # the lies were caught, by the service
+    assert check_trajectories(tmp_path / "fb") > 0 and asked
     tok = AutoTokenizer.from_pretrained(tiny_model)
+    shown = 0
     for t in sorted((tmp_path / "fb" / "trajectories").glob("step_*.parquet")):
         for row in pq.read_table(t, columns=["tokens", "prompt_len"]).to_pylist():
-            prompt = tok.decode(row["tokens"][:row["prompt_len"]])
+            prompt, rest = tok.decode(row["tokens"][:row["prompt_len"]]), tok.decode(row["tokens"][row["prompt_len"]:])
             assert "<tools>" in prompt and "wiki" in prompt.split("</tools>")[0]
             assert any(q.text in prompt for q in market)
+            assert rest.startswith("<tool_call>") and "2030" not in rest
+            shown += "is a page from 2015" in rest
+    assert shown > 0  # and honest pages were shown
 
 
 def test_eval_with_tools_on_and_off(tmp_path, tiny_model, tool_world_files):
