@@ -104,7 +104,7 @@ class ToolRunner:
     The loop runs on the caller's thread, between engine steps (`wait`), never on a thread of its own: there it
     contended with the engine's forward pass for the GIL and the core, and every decoding step took twice as long
     (bench/README.md, "Multi-turn cost"). Calls in flight still overlap each other and the engine's steps: the
-    service answers in its own process while the engine decodes.
+    service answers in its own process while the engine decodes, and an answer waits at most one step to be read.
     """
 
     def __init__(self, url: str | None, timeout_s: float):
