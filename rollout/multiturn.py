@@ -76,7 +76,7 @@ class ToolSuffix:
         text = tokenizer.apply_chat_template(self.dummy, tools=schemas, tokenize=False)
         self.prefix = text[:text.rindex(END_OF_TURN) + len(END_OF_TURN)]
         # rendering and tokenising cost milliseconds, and a group's samples read the same pages
-        self.ids = functools.lru_cache(maxsize=4096)(self.ids)
+        self._ids = functools.lru_cache(maxsize=4096)(self._ids)
         self.cut = functools.lru_cache(maxsize=4096)(self.cut)
 
     def cut(self, content: str, max_tokens: int) -> str:
@@ -94,7 +94,10 @@ class ToolSuffix:
                                "multi-turn trajectories would not be token-exact")
         return full[len(self.prefix):]
 
-    def ids(self, contents: tuple[str, ...]) -> tuple[int, ...]:
+    def ids(self, contents: list[str]) -> list[int]:
+        return list(self._ids(tuple(contents)))
+
+    def _ids(self, contents: tuple[str, ...]) -> tuple[int, ...]:
         return tuple(self.tokenizer(self.text(list(contents)), add_special_tokens=False)["input_ids"])
 
 
@@ -304,7 +307,7 @@ class Rollout:
                 c.cache_lookups += 1
                 c.cache_hits += r.cache_hit
             contents.append(self.suffix.cut(r.content, self.cfg.max_tool_response_tokens))
-        ids = self.suffix.ids(tuple(contents))
+        ids = self.suffix.ids(contents)
         if len(c.ids) + len(ids) >= min(self.cfg.max_trajectory_tokens, self.cfg.max_model_len - len(c.prompt)):
             c.end = "budget"
             return
