@@ -21,12 +21,11 @@ batch and counted; it never fails the step.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import functools
 import json
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from rollout import tool_calls
 from rollout.config import RolloutConfig
@@ -161,7 +160,7 @@ class ToolRunner:
                 first = shared[key] = self.loop.create_task(ask(call))
                 return await asyncio.shield(first)  # a conversation past its deadline leaves it to the others
             result = await asyncio.shield(first)
-            return result if result.cache_hit is None else dataclasses.replace(result, cache_hit=True)
+            return result if result.cache_hit is None else replace(result, cache_hit=True)
 
         async def all_calls():
             return await asyncio.gather(*(one(c) for c in calls))
@@ -199,8 +198,8 @@ class Rollout:
                  first_call_required: bool = False):
         self.engine, self.tokenizer, self.runner, self.cfg, self.kinds = engine, tokenizer, runner, cfg, kinds
         self.suffix = ToolSuffix(tokenizer, tool_calls.schemas(kinds))
+        # task.tool_choice 'required': every conversation's first turn is constrained to one tool call
         self.first_turn_pattern = tool_calls.call_pattern(kinds) if first_call_required else None
-        """`task.tool_choice: required`: every conversation's first turn is constrained to one tool call."""
         self.end_of_turn = tokenizer.convert_tokens_to_ids(END_OF_TURN)
         if self.end_of_turn is None or self.end_of_turn == tokenizer.unk_token_id:
             raise ValueError(f"the tokenizer has no {END_OF_TURN} token: tool turns need a ChatML chat template")
