@@ -157,10 +157,12 @@ class RunningService:
 
 
 def bind(host: str, port: int) -> socket.socket:
-    """A socket bound to (host, port); port 0 lets the OS pick a free one, and binding first is how we learn it."""
+    """A socket listening on (host, port); port 0 lets the OS pick a free one, and binding first is how we learn it.
+    It listens at once: a client that connects before uvicorn has started waits in the backlog, never refused."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
+    sock.listen(2048)  # uvicorn's default backlog
     return sock
 
 
