@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 def _tiny_model(argv: list[str]) -> int:
-    from learner import tiny_model
+    from model import tiny as tiny_model
 
     ap = argparse.ArgumentParser(prog="forecast-grpo tiny-model",
                                  description="Build the tiny forecaster (tokenizer, Qwen2 model, format warm start).")

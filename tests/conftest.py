@@ -16,7 +16,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def tiny_model() -> Path:
     """The demo's tiny model, built once (the Makefile builds the same folder)."""
-    from learner import tiny_model
+    from model import tiny as tiny_model
 
     return tiny_model.ensure(ROOT / "models" / "tiny")
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from learner.tiny_model import TinyModelSpec, _belief
+from model.tiny import TinyModelSpec, _belief
 from rollout import synthetic
 
 
@@ -33,7 +33,7 @@ def test_numbers_beliefs_are_smooth_and_not_the_truth():
 def test_page_beliefs_follow_the_page_but_not_what_it_implies():
     """After a tool-world page, the warm start's answer varies strongly with the page's number (the model must
     read it) and smoothly, but is unrelated to the probability the number implies."""
-    from learner.tiny_model import page_belief
+    from model.tiny import page_belief
     from rollout import tool_world
 
     spec = TinyModelSpec()
