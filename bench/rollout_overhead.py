@@ -37,6 +37,7 @@ def main():
 
     from cluster.config import load_config
     from rollout import engine, prompts
+    from rollout.chat_format import ChatFormat
     from rollout.task import QuestionSampler
     from rollout.worker import RolloutWorker
 
@@ -50,8 +51,9 @@ def main():
             engine.configure_env(cfg.rollout.cpu_kvcache_gib, "1")
             from transformers import AutoTokenizer
 
-            tok = AutoTokenizer.from_pretrained(args.model)
-            self.ids = [prompts.chat_prompt_ids(tok, i.question) for i in instances]
+            fmt = ChatFormat(AutoTokenizer.from_pretrained(args.model), [], model_path=args.model)
+            self.ids = [fmt.prompt_ids(prompts.user_message(i.question), i.question.as_of, tools=False)
+                        for i in instances]
             self.llm = engine.make_engine(args.model, dtype="float32", max_model_len=cfg.rollout.max_model_len,
                                           seed=0)
 

@@ -205,17 +205,16 @@ Example = list[tuple[list[int], float]]
 
 class _Examples:
     def __init__(self, tokenizer, spec: TinyModelSpec):
-        from rollout.multiturn import ToolSuffix
+        from rollout.chat_format import ChatFormat
 
         self.tok, self.spec = tokenizer, spec
-        self.schemas = tool_calls.schemas(["wiki"])
-        self.suffix = ToolSuffix(tokenizer, self.schemas)
+        self.fmt = ChatFormat(tokenizer, ["wiki"])
         self.pool = [q for q in synthetic.questions(list(synthetic.FAMILIES), "train")
                      if synthetic.family_of(q) != "tool_world"]
 
     @functools.lru_cache(maxsize=8192)
     def _prompt(self, q, reasoning: bool) -> tuple[int, ...]:
-        return tuple(prompts.chat_prompt_ids(self.tok, q, reasoning))
+        return tuple(self.fmt.prompt_ids(prompts.user_message(q, reasoning), q.as_of, tools=False))
 
     def _turn(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False).input_ids + [self.tok.eos_token_id]
@@ -245,7 +244,7 @@ class _Examples:
         player, day = tool_world.made_up_player(rng)
         q = Question(id=f"made_up/{player.name}", text=tool_world.question_text(player.name), as_of=day)
         tools = call_tool or (call_tool is None and rng.random() < self.spec.tool_prompt_rate)
-        prompt = [(prompts.chat_prompt_ids(self.tok, q, False, self.schemas if tools else None), lm)]
+        prompt = [(self.fmt.prompt_ids(prompts.user_message(q, False, tools), q.as_of, tools=tools), lm)]
         if not tools or (call_tool is None and rng.random() >= self.spec.tool_call_rate):
             return prompt + [(self._turn(self._answer(rng, q)), 1.0)]
         rule = player.rule_on(day)
@@ -259,7 +258,7 @@ class _Examples:
             page, _ = tool_calls.render("wiki", body, day)
             q_page = page_belief(rule.wins, self.spec) + rng.uniform(-self.spec.page_spread, self.spec.page_spread)
             answer = f"<answer>{min(0.99, max(0.01, q_page)):.2f}</answer>"
-        return prompt + [(self._turn(f"<tool_call>\n{call}\n</tool_call>"), 1.0), (self.suffix.ids([page]), lm),
+        return prompt + [(self._turn(f"<tool_call>\n{call}\n</tool_call>"), 1.0), (self.fmt.suffix_ids([page]), lm),
                          (self._turn(answer), 1.0)]
 
     def corpus(self, n: int = 3000) -> list[str]:

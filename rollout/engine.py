@@ -86,21 +86,34 @@ class Sample:
     token_ids: list[int]
     logprobs: np.ndarray  # float32, one per generated token
     text: str
+    """Decoded without special tokens: what the answer is parsed from."""
     truncated: bool
+    raw: str = ""
+    """Multi-turn only: decoded with special tokens (some models' call markers are special), the end-of-turn token
+    left out: what the tool parser reads."""
+
+
+def sampling_params(*, n: int = 1, temperature: float, top_p: float, max_tokens: int, stop_token_ids: list[int],
+                    pattern: str | None = None):
+    """Token ids out with the sampler's logprobs, stopping on the model's end-of-turn tokens; `pattern`: a regular
+    expression the turn must match (constrained decoding, vLLM's structured outputs). The engine does not detokenize
+    (its incremental detokenizer costs more than one batch decode at the end)."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import StructuredOutputsParams
+
+    return SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, logprobs=0,
+                          flat_logprobs=True, detokenize=False, stop_token_ids=stop_token_ids,
+                          structured_outputs=StructuredOutputsParams(regex=pattern) if pattern else None)
 
 
 def generate(llm, tokenizer, prompts: list[list[int]], *, n: int, temperature: float, top_p: float,
-             max_tokens: list[int]) -> list[list[Sample]]:
+             max_tokens: list[int], stop_token_ids: list[int], pattern: str | None = None) -> list[list[Sample]]:
     """n samples per prompt (token ids in, token ids out: no re-tokenisation), with the sampler's logprobs.
-
-    Per-prompt max_tokens keep long prompts inside max_model_len (the caller seeds the step: `reseed`). The engine
-    does not detokenize (its incremental detokenizer costs more than one batch decode at the end).
-    """
-    from vllm import SamplingParams
+    Per-prompt max_tokens keep long prompts inside max_model_len (the caller seeds the step: `reseed`)."""
     from vllm.inputs import TokensPrompt
 
-    params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=m, logprobs=0,
-                             flat_logprobs=True, detokenize=False) for m in max_tokens]
+    params = [sampling_params(n=n, temperature=temperature, top_p=top_p, max_tokens=m, stop_token_ids=stop_token_ids,
+                              pattern=pattern) for m in max_tokens]
     outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
     flat = [o for out in outs for o in sorted(out.outputs, key=lambda o: o.index)]
     texts = tokenizer.batch_decode([o.token_ids for o in flat], skip_special_tokens=True)
@@ -121,23 +134,20 @@ class TurnEngine:
     conversation waiting for a tool result holds nobody back, and the prefix cache shares the context between turns.
     """
 
-    def __init__(self, llm, tokenizer):
-        self.engine, self.tokenizer = llm.llm_engine, tokenizer
+    def __init__(self, llm, tokenizer, end_ids: list[int]):
+        self.engine, self.tokenizer, self.end_ids = llm.llm_engine, tokenizer, list(end_ids)
         self._count = 0
 
     def submit(self, prompt: list[int], *, max_tokens: int, temperature: float, top_p: float,
                pattern: str | None = None) -> str:
         """pattern: a regular expression the turn must match (constrained decoding, vLLM's structured outputs)."""
-        from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
-        from vllm.sampling_params import StructuredOutputsParams
 
         self._count += 1
         rid = f"turn-{self._count}"
-        params = SamplingParams(n=1, temperature=temperature, top_p=top_p, max_tokens=max_tokens, logprobs=0,
-                                flat_logprobs=True, detokenize=False,
-                                structured_outputs=StructuredOutputsParams(regex=pattern) if pattern else None)
-        self.engine.add_request(rid, TokensPrompt(prompt_token_ids=prompt), params)
+        self.engine.add_request(rid, TokensPrompt(prompt_token_ids=prompt),
+                                sampling_params(temperature=temperature, top_p=top_p, max_tokens=max_tokens,
+                                                stop_token_ids=self.end_ids, pattern=pattern))
         return rid
 
     def busy(self) -> bool:
@@ -152,8 +162,10 @@ class TurnEngine:
                 lp = np.asarray(o.logprobs.logprobs, dtype=np.float32)
                 if len(lp) != len(o.token_ids):
                     raise RuntimeError(f"vLLM returned {len(lp)} logprobs for {len(o.token_ids)} tokens")
-                text = self.tokenizer.decode(o.token_ids, skip_special_tokens=True)
-                done.append((out.request_id, Sample(list(o.token_ids), lp, text, o.finish_reason == "length")))
+                ids = list(o.token_ids)
+                text = self.tokenizer.decode(ids, skip_special_tokens=True)
+                raw = self.tokenizer.decode(ids[:-1] if ids and ids[-1] in self.end_ids else ids)
+                done.append((out.request_id, Sample(ids, lp, text, o.finish_reason == "length", raw)))
         return done
 
     def abort(self, request_ids: list[str]) -> None:

@@ -1,8 +1,8 @@
-"""A question becomes a chat prompt in the model's own chat template, as exact token ids.
+"""What a question says to the model: one user message. `ChatFormat.prompt_ids` (`rollout/chat_format.py`) renders
+it in the model's own chat template, with the tools' schemas where the task has tools.
 
 The dice family renders to exactly the TRL peer harness's prompt (question, a space, the instruction, as one user
-message), so the two systems see the same text. With tools, their schemas go to the chat template (`tools=`), which
-lays them out in the system turn as the model was trained to read them (Qwen2.5: a `# Tools` block).
+message), so the two systems see the same text.
 """
 
 from __future__ import annotations
@@ -31,10 +31,3 @@ def user_message(q: Question, reasoning: bool = False, tools: bool = False) -> s
     if not extras:
         return f"{q.text.strip()} {instruction}"
     return "\n\n".join([q.text.strip(), *extras, instruction])
-
-
-def chat_prompt_ids(tokenizer, q: Question, reasoning: bool = False, tools: list[dict] | None = None) -> list[int]:
-    """tools: function schemas (`rollout.tool_calls.schemas`), or None for a prompt without tools."""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": user_message(q, reasoning, bool(tools))}],
-                                         tools=tools or None, tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]

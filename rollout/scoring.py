@@ -64,6 +64,15 @@ def parse_answer(text: str, strict: bool = True) -> float | None:
     return q
 
 
+ANSWER_PATTERN = r"<answer>0\.[0-9]{1,3}</answer>"
+"""`task.answer: constrained`: the answer a turn is constrained to (vLLM structured outputs); always parses."""
+
+
+def answer_pattern(reasoning: bool) -> str:
+    """The whole turn: the answer alone, or (reasoning) text without '<' and then the answer."""
+    return f"[^<]*{ANSWER_PATTERN}" if reasoning else ANSWER_PATTERN
+
+
 def log_score(p, q, eps: float = 0.01):
     """p log q + (1-p) log(1-q) with q clipped; p may be a market probability or a 0/1 outcome. Works on arrays."""
     q = np.clip(q, eps, 1.0 - eps)

@@ -1,7 +1,8 @@
-"""The tools as the model sees them: schemas for the chat template, parsing its calls, running them, and what goes
-back into the conversation.
+"""The tools as the model sees them: schemas for the chat template, validating its calls, running them, and what
+goes back into the conversation.
 
-A call is written in Qwen2.5's (Hermes) format, `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`. The
+A call is written in the model's own format and read by vLLM's tool parser for it (`rollout/chat_format.py`); what
+the parser read is validated here (`validate`). The
 schemas are generated from the pydantic models below and have **no date argument**: every call runs as of the
 question's date. A model that passes a date anyway gets the as-of answer and a note saying so.
 
@@ -17,23 +18,20 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
-import re
 from dataclasses import dataclass, field
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tools.asof import check_timestamp, is_after
 from tools.errors import ToolError
+from tools.wiki import check_title
 
 MAX_ARGUMENT_CHARS = 512
-MAX_TITLE_BYTES = 255
 DATE_ARGUMENTS = ("as_of", "asof", "date", "as_of_date", "when", "time", "timestamp", "day", "year")
 """Arguments a model may invent to pick the date; they are dropped (with a note), the question's date is used."""
 SETTLED = (None, "bad_request", "invalid_title", "missing", "not_yet", "offline_miss")
 """Answers that asking again the same day cannot change: what a page or a search showed as of a date is fixed.
 (Not: leak, upstream, internal, unavailable.)"""
-_CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.S)
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class _Args(BaseModel):
@@ -88,16 +86,16 @@ REQUIRED_ARGUMENT_CHARS = 60
 """Per argument, in a call forced by `task.tool_choice: required` (60 characters fit any title's 255 bytes)."""
 
 
-def call_pattern(kinds: list[str]) -> str:
-    """A regular expression for one call of any of the functions, in the Hermes format the model writes: what
-    `task.tool_choice: required` constrains a first turn to. Its strings are JSON strings without escapes or control
-    characters, so whatever it lets through is a valid call (`parse_calls`)."""
+def hermes_call_pattern(kinds: list[str]) -> str:
+    """A regular expression for one call of any of the functions in the Hermes format (Qwen2.5, Qwen3, and
+    `model.tool_prompt: hermes_system`): what `task.tool_choice: required` constrains a first turn to. Its strings
+    are JSON strings without escapes or control characters, so whatever it lets through is a valid call."""
     char = r'[^"\\\x00-\x1f\x7f]'
     string = rf'"{char[:-1]} ]{char}{{0,{REQUIRED_ARGUMENT_CHARS - 1}}}"'  # not blank: arguments are stripped
     alternatives = []
     for name, (model, _) in functions(kinds).items():
         if any(f.annotation is not str for f in model.model_fields.values()):
-            raise TypeError(f"{name}: call_pattern knows string arguments only")
+            raise TypeError(f"{name}: hermes_call_pattern knows string arguments only")
         args = ", ".join(f'"{field}": {string}' for field in model.model_fields)
         alternatives.append(rf'\{{"name": "{name}", "arguments": \{{{args}\}}\}}')
     return r"<tool_call>\n(" + "|".join(alternatives) + r")\n</tool_call>"
@@ -117,27 +115,15 @@ class BadCall:
     message: str
 
 
-def parse_calls(text: str, kinds: list[str]) -> list[Call | BadCall]:
-    """Every `<tool_call>` block of one assistant turn, validated; [] when the turn calls nothing."""
-    fns = functions(kinds)
-    out: list[Call | BadCall] = []
-    for raw in _CALL.findall(text):
-        out.append(_validate(raw.strip(), fns))
-    if not out and "<tool_call>" in text:  # opened, never closed
-        out.append(BadCall("invalid_json", "a <tool_call> without its </tool_call>"))
-    return out
-
-
-def _validate(raw: str, fns: dict) -> Call | BadCall:
+def validate(name: str, arguments: str | dict, fns: dict) -> Call | BadCall:
+    """A call as the tool parser read it (the arguments as JSON text, or parsed), checked against the functions."""
+    raw = arguments if isinstance(arguments, str) else json.dumps(arguments)
     if len(raw) > MAX_ARGUMENT_CHARS:
-        return BadCall("too_long", f"a tool call of {len(raw)} characters (at most {MAX_ARGUMENT_CHARS})")
+        return BadCall("too_long", f"tool call arguments of {len(raw)} characters (at most {MAX_ARGUMENT_CHARS})")
     try:
-        obj = json.loads(raw)
+        args = json.loads(raw)
     except ValueError as e:
-        return BadCall("invalid_json", f"the tool call is not valid JSON ({e.msg} at character {e.pos})")
-    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
-        return BadCall("invalid_json", 'a tool call is {"name": ..., "arguments": {...}}')
-    name, args = obj["name"], obj.get("arguments", {})
+        return BadCall("invalid_json", f"the tool call's arguments are not valid JSON ({e.msg} at character {e.pos})")
     if name not in fns:
         return BadCall("unknown_tool", f"no tool named {name!r}; tools: {', '.join(fns)}")
     if not isinstance(args, dict):
@@ -152,9 +138,11 @@ def _validate(raw: str, fns: dict) -> Call | BadCall:
     values = parsed.model_dump()
     if not all(values.values()):
         return BadCall("bad_arguments", f"{name}: {', '.join(k for k, v in values.items() if not v)} is empty")
-    title = values.get("title")
-    if title is not None and (_CONTROL.search(title) or len(title.encode()) > MAX_TITLE_BYTES):
-        return BadCall("bad_title", f"{name}: a title has no control characters and at most {MAX_TITLE_BYTES} bytes")
+    if "title" in values:
+        try:  # the wiki's own rule, refused here already: a bad title costs no request
+            check_title(values["title"])
+        except ToolError as e:
+            return BadCall("bad_title", f"{name}: {e.message}")
     note = f"(the date argument {', '.join(dropped)} was ignored: results are as of the question's date)" \
         if dropped else ""
     return Call(name, values, note)
@@ -170,6 +158,9 @@ class Result:
     shown: list[str] = field(default_factory=list)
     """Timestamps (or dates) of everything the content shows."""
     cache_hit: bool | None = None
+    """Whether the service answered from its revision cache (None: the answer does not say)."""
+    shared: bool = False
+    """The answer of the same call asked earlier in the batch (`multiturn.ToolRunner`): no request to the service."""
     leak_violation: bool = False
 
 

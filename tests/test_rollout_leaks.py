@@ -6,7 +6,7 @@ the as-of date and searches for later events. Nothing later than a question's da
 import json
 import random
 
-from rollout import tool_calls
+from rollout.chat_format import ChatFormat
 from rollout.multiturn import ToolRunner
 from tests.fake_mediawiki import FakeMediaWiki
 from tests.test_tools_adversarial import FUTURE, MARK, day, generate_world
@@ -26,7 +26,10 @@ def model_call(rng: random.Random, titles: list[str], queries: list[str]) -> str
     return f"<tool_call>\n{json.dumps({'name': name, 'arguments': args})}\n</tool_call>"
 
 
-def test_ten_thousand_model_calls_let_nothing_later_into_a_conversation(tmp_path):
+def test_ten_thousand_model_calls_let_nothing_later_into_a_conversation(tmp_path, tiny_model):
+    from transformers import AutoTokenizer
+
+    fmt = ChatFormat(AutoTokenizer.from_pretrained(tiny_model), KINDS)  # Qwen2.5's call layout: vLLM's hermes parser
     world = generate_world(seed=3)
     rng = random.Random(4)
     titles = [*world, "Nowhere"]
@@ -42,7 +45,7 @@ def test_ten_thousand_model_calls_let_nothing_later_into_a_conversation(tmp_path
             for _ in range(100):  # 100 rollout batches of 100 calls, all in flight at once
                 batch = [(rng.choice(dates), model_call(rng, titles, queries)) for _ in range(100)]
                 runner.new_batch()  # as a rollout batch does: repeated calls share an answer within it only
-                tasks = [(as_of, runner.submit(tool_calls.parse_calls(text, KINDS), as_of, KINDS))
+                tasks = [(as_of, runner.submit(fmt.parse_calls(text), as_of, KINDS))
                          for as_of, text in batch]
                 runner.wait([t for _, t in tasks], timeout=120, every=True)
                 for as_of, task in tasks:

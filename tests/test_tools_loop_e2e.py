@@ -117,12 +117,15 @@ def test_forecastbench_questions_with_the_wiki_tool(tmp_path, tiny_model):
     tok = AutoTokenizer.from_pretrained(tiny_model)
     shown = 0
     for t in sorted((tmp_path / "fb" / "trajectories").glob("step_*.parquet")):
-        for row in pq.read_table(t, columns=["tokens", "prompt_len"]).to_pylist():
-            prompt, rest = tok.decode(row["tokens"][:row["prompt_len"]]), tok.decode(row["tokens"][row["prompt_len"]:])
+        for row in pq.read_table(t, columns=["tokens", "prompt_len", "loss_mask"]).to_pylist():
+            plen = row["prompt_len"]
+            prompt, rest = tok.decode(row["tokens"][:plen]), tok.decode(row["tokens"][plen:])
+            # what the tools showed (mask 0 after the prompt): the model's own titles may hold any digits
+            shown_text = tok.decode([t for t, m in zip(row["tokens"][plen:], row["loss_mask"][plen:]) if not m])
             assert "<tools>" in prompt and "wiki" in prompt.split("</tools>")[0]
             assert any(q.text in prompt for q in market)
-            assert rest.startswith("<tool_call>") and "2030" not in rest
-            shown += "is a page from 2015" in rest
+            assert rest.startswith("<tool_call>") and "2030" not in shown_text
+            shown += "is a page from 2015" in shown_text
     assert shown > 0  # and honest pages were shown
 
 
