@@ -45,9 +45,13 @@ def _data_parser() -> argparse.ArgumentParser:
                          description="Convert to our Parquet schema. Rows that cannot be used are skipped and "
                          "counted by reason. Formats: rollout/importers.py.")
     fmt = imp.add_subparsers(dest="format", required=True)
-    fb = fmt.add_parser("forecastbench", help="a ForecastBench question set (+ its resolution set)")
-    fb.add_argument("question_set", help="QUESTION_SET.json")
-    fb.add_argument("resolution_set", nargs="?", help="RESOLUTION_SET.json: outcomes, and dataset questions")
+    fb = fmt.add_parser("forecastbench", help="ForecastBench question sets (+ their resolution sets)",
+                        description="Question sets and their resolution sets, as files or folders holding them (a "
+                        "resolution set goes with the question set it names). A question asked in several sets is "
+                        "kept once, from the earliest set; the later askings are counted (rollout/importers.py).")
+    fb.add_argument("paths", nargs="+", metavar="SET_OR_FOLDER",
+                    help="QUESTION_SET.json, RESOLUTION_SET.json (outcomes, and dataset questions), or a folder of "
+                    "them, e.g. ../shared/data/forecastbench")
     fb.add_argument("-o", "--out", required=True, help="OUT.parquet")
     for name in ("jsonl", "csv"):
         t = fmt.add_parser(name, help=f"one question per {'line' if name == 'jsonl' else 'row'}",
@@ -84,7 +88,7 @@ def _data(argv: list[str]) -> int:
     try:
         if args.cmd == "import":
             if args.format == "forecastbench":
-                qs, report = importers.import_forecastbench(args.question_set, args.resolution_set)
+                qs, report = importers.import_forecastbench(*args.paths)
             else:
                 read = importers.import_jsonl if args.format == "jsonl" else importers.import_csv
                 qs, report = read(args.file, importers.parse_mapping(args.map), args.source)
@@ -128,6 +132,8 @@ COMMANDS = {
     "data": (None, _data, "import, validate and split question files"),
     "tiny-model": (None, _tiny_model, "build the tiny local model"),
     "tool-world": (None, _tool_world, "write the synthetic tool world's wiki snapshot and news corpus"),
+    "model": ("model.cli", "main", "import a real model (GGUF) and check a model before training"),
+    "warmstart": ("model.cli", "warmstart_main", "teach a model the answer (and call) format before GRPO"),
     "wiki": ("tools.cli", "wiki_main", "Wikipedia as of a date: get a page, serve the tools, cache snapshots"),
     "news": ("tools.cli", "news_main", "import a news corpus for the news tool"),
 }
