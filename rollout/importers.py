@@ -1,6 +1,10 @@
 """Turn outside question files into our Question schema, counting everything left out by its reason.
 
-ForecastBench (a question set, optionally with its resolution set):
+ForecastBench (question sets, each optionally with its resolution set; files, or folders holding them):
+
+- Files are told apart by their top-level list (`questions` or `resolutions`), and a resolution set goes with the
+  question set it names (`question_set`, else the same `forecast_due_date`). A question set without one imports
+  without outcomes; a resolution set without its question set is counted, unused.
 
 - Market sources (manifold, metaculus, polymarket, infer): one question each. `freeze_datetime` is the as-of date and
   `freeze_datetime_value`, a *string*, is the market probability then. A resolution row with `resolved: true` gives
@@ -12,6 +16,9 @@ ForecastBench (a question set, optionally with its resolution set):
   `{forecast_due_date}` filled in, the level stated in the background, and no market probability (they train with
   the outcome rewards only). Dates not resolved yet are skipped and counted, one per (question, date).
 - Combination questions (list ids) are skipped. Ids are `source/id`, as ids are unique only within a source.
+- Several sets: the same market is asked again every two weeks under the same id. A question is kept once, from the
+  earliest set that has it (by forecast due date): its first as-of date and the market probability then, with that
+  set's resolution; every later asking is skipped and counted. So a time split never sees one market on both sides.
 
 JSONL / CSV: one question per row. Columns are named as the schema's fields (`rollout/questions.py`) unless mapped,
 `field=column` (e.g. `text=question`, `market_prob=p`). Dates are ISO dates or datetimes (the date part is kept);
@@ -44,10 +51,13 @@ class ImportReport:
     unused_resolutions: Counter = field(default_factory=Counter)
     """ForecastBench resolution rows that gave no outcome, per reason."""
     ignored_columns: list[str] = field(default_factory=list)
+    sets: list[str] = field(default_factory=list)
+    """ForecastBench: each question set read, with the resolution set it was given (or none)."""
 
     def lines(self) -> list[str]:
-        out = [f"imported {sum(self.imported.values())} questions: "
-               + (", ".join(f"{s or '(no source)'} {n}" for s, n in sorted(self.imported.items())) or "none")]
+        out = list(self.sets)
+        out.append(f"imported {sum(self.imported.values())} questions: "
+                   + (", ".join(f"{s or '(no source)'} {n}" for s, n in sorted(self.imported.items())) or "none"))
         if self.skipped:
             out.append(f"skipped {sum(self.skipped.values())}:")
             out += [f"  {n:6d}  {r}" for r, n in self.skipped.most_common()]
@@ -59,14 +69,18 @@ class ImportReport:
         return out
 
 
-def _finish(rows: list[dict], report: ImportReport) -> tuple[list[Question], ImportReport]:
-    """Validate the candidate rows; each bad one is counted once, by its first problem."""
+def _valid(rows: list[dict], report: ImportReport) -> list[Question]:
+    """The candidate rows that validate; each bad one is counted once, by its first problem."""
     good, errors = validate_rows(rows)
     counted: set[int] = set()
     for e in errors:
         if e.row not in counted:
             counted.add(e.row)
             report.skipped[e.reason] += 1
+    return good
+
+
+def _finish(good: list[Question], report: ImportReport) -> tuple[list[Question], ImportReport]:
     report.imported.update(q.source for q in good)
     return good, report
 
@@ -122,12 +136,68 @@ def _fb_outcomes(resolutions: list[dict], report: ImportReport) -> dict[tuple[st
     return out
 
 
-def import_forecastbench(question_set: str | Path,
-                         resolution_set: str | Path | None = None) -> tuple[list[Question], ImportReport]:
-    qdata = _load_json(Path(question_set), "questions")
-    report = ImportReport()
-    outcomes = {} if resolution_set is None else _fb_outcomes(
-        _load_json(Path(resolution_set), "resolutions")["resolutions"], report)
+def _fb_files(paths) -> tuple[list[tuple[Path, dict]], dict[str, tuple[Path, dict]]]:
+    """The question sets among `paths` (files, or folders: their .json files), in forecast-due-date order, and the
+    resolution sets by the question set each goes with."""
+    files = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += sorted(p.glob("*.json"))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"file not found: {p}")
+    questions, resolutions = [], {}
+    for f in files:
+        try:
+            data = json.loads(f.read_text())
+        except ValueError as e:
+            raise ValueError(f"{f}: not JSON ({e})") from None
+        kind = next((k for k in ("questions", "resolutions") if isinstance(data, dict)
+                     and isinstance(data.get(k), list)), None)
+        if kind is None:
+            raise ValueError(f"{f}: not a ForecastBench file (expected an object with a 'questions' list, or a "
+                             "'resolutions' list)")
+        if kind == "questions":
+            questions.append((f, data))
+        elif resolutions.setdefault(_fb_set_key(data), (f, data))[0] != f:
+            raise ValueError(f"{f} and {resolutions[_fb_set_key(data)][0]}: two resolution sets for the question set "
+                             f"{_fb_set_key(data)!r}")
+    if not questions:
+        raise ValueError(f"no question set among {', '.join(map(str, files)) or 'the paths given'} (expected an "
+                         "object with a 'questions' list)")
+    return sorted(questions, key=lambda fd: (str(fd[1].get("forecast_due_date")), fd[0].name)), resolutions
+
+
+def _fb_set_key(data: dict) -> str:
+    """What pairs a resolution set with its question set: the question set's file name, else the due date."""
+    return str(data.get("question_set") or data.get("forecast_due_date"))
+
+
+def import_forecastbench(*paths: str | Path) -> tuple[list[Question], ImportReport]:
+    """ForecastBench question sets with their resolution sets (files, or folders holding them), as one question
+    list: each question once, from the earliest set that asks it (module docstring)."""
+    question_sets, resolution_sets = _fb_files(paths)
+    report, kept = ImportReport(), {}
+    for path, qdata in question_sets:
+        paired = resolution_sets.pop(_fb_set_key(qdata), None)
+        outcomes = {} if paired is None else _fb_outcomes(paired[1]["resolutions"], report)
+        good = _valid(_fb_rows(qdata, outcomes, report), report)
+        report.sets.append(f"{path.name} + {paired[0].name if paired else 'no resolution set (no outcomes)'}: "
+                           f"{len(good)} questions")
+        for q in good:
+            if q.id in kept:
+                report.skipped["asked again in a later set: the earliest asking is kept"] += 1
+            else:
+                kept[q.id] = q
+    for path, data in resolution_sets.values():
+        report.unused_resolutions[f"no question set {_fb_set_key(data)!r} given with its resolution set"] += len(
+            data["resolutions"])
+    return _finish(list(kept.values()), report)
+
+
+def _fb_rows(qdata: dict, outcomes: dict, report: ImportReport) -> list[dict]:
+    """One question set's candidate rows (module docstring), its outcomes from its own resolution set."""
     used: set[tuple] = set()
     rows: list[dict] = []
     due = _na(qdata.get("forecast_due_date"))
@@ -189,7 +259,7 @@ def import_forecastbench(question_set: str | Path,
     unmatched = sum(map(len, outcomes.values())) - len(used)
     if unmatched:
         report.unused_resolutions["no matching question (or date) in the question set"] += unmatched
-    return _finish(rows, report)
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------------- JSONL / CSV
@@ -257,7 +327,7 @@ def import_rows(rows: list[dict], columns: list[str], mapping: dict[str, str],
         row = {k: v for k, v in row.items() if v is not None}
         row.setdefault("source", default_source)
         out.append(row)
-    return _finish(out, report)
+    return _finish(_valid(out, report), report)
 
 
 def import_jsonl(path: str | Path, mapping: dict[str, str] | None = None,

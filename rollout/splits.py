@@ -10,6 +10,9 @@ Train on questions asked (as-of date) before the cutoff, evaluate on those asked
   date, stays.
 
 Questions without an as-of date cannot be placed and go to neither side. Everything removed or hidden is counted.
+
+`held_out` applies the first guard to any held-out set (`task.eval_data`, files of later questions): a question it
+shares with training, by id or by text, is dropped from it, and so is an id it holds twice.
 """
 
 from __future__ import annotations
@@ -55,14 +58,23 @@ def time_split(questions: list[Question], cutoff: dt.date, hide_late_outcomes: b
             train.append(q)
         else:
             later.append(q)
+    return held_out(train, later, removed)
+
+
+def held_out(train: list[Question], candidates: list[Question], removed: Counter | None = None) -> Split:
+    """The candidates that share no question with `train` (by id or normalised text), each id once (the first)."""
+    removed = Counter() if removed is None else removed
     ids = {q.id for q in train}
     texts = {normalise_text(q.text) for q in train}
-    evals = []
-    for q in later:
+    evals, seen = [], set()
+    for q in candidates:
         if q.id in ids:
             removed["eval: dropped, same id as a training question"] += 1
         elif normalise_text(q.text) in texts:
             removed["eval: dropped, same text as a training question"] += 1
+        elif q.id in seen:
+            removed["eval: dropped, an id already in the held-out set"] += 1
         else:
+            seen.add(q.id)
             evals.append(q)
     return Split(train, evals, removed)

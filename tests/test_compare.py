@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from cluster import cli, evaluate_cli
-from rollout import evaluate, forecast_sets, importers
+from rollout import evaluate, forecast_sets, importers, leaderboard
 from rollout import questions as qio
 from rollout.questions import Question
 from tests.conftest import SHARED, needs_shared
@@ -125,7 +125,9 @@ def test_model_first_then_compared_then_baselines(small, tmp_path, monkeypatch, 
     path, sets = small
     model = tmp_path / "model"
     model.mkdir()
-    monkeypatch.setattr(evaluate_cli, "sample_forecasts", lambda cfg, m, qs, n, url=None: np.full((len(qs), n), 0.7))
+    monkeypatch.setattr(evaluate_cli, "sample_forecasts", lambda cfg, name, m, qs, n, url=None: evaluate.Samples(
+        np.full((len(qs), n), 0.7), [["<answer>0.7</answer>"] * n] * len(qs), [["answer"] * n] * len(qs),
+        np.ones(len(qs), bool)))
     out = tmp_path / "out"
     assert cli.main(["eval", "--model", str(model), "--data", str(path), "--samples", "2", "--compare",
                      f"mine={sets}", "--base-rate", "0.4", "-o", str(out)]) == 0
@@ -135,6 +137,15 @@ def test_model_first_then_compared_then_baselines(small, tmp_path, monkeypatch, 
     printed = capsys.readouterr().out
     assert printed.index("\nmodel ") < printed.index("\nmine ") < printed.index("\nalways 0.5 ")
     assert "\nmine: 2 of 4 questions forecast\n" in printed
+    # the model (0.7 everywhere) minus always 0.5, question by question, on the markets (a, b, d) and outcomes (a, c, d)
+    vs = summary["vs"]["model"]["always 0.5"]
+    ce = [-(m * math.log(0.7) + (1 - m) * math.log(0.3)) - math.log(2) for m in (0.5, 0.2, 0.9)]
+    assert vs["ce"]["mean"] == pytest.approx(np.mean(ce)) and vs["ce"]["n"] == 3
+    assert vs["brier"]["mean"] == pytest.approx(np.mean([0.09 - 0.25, 0.49 - 0.25, 0.09 - 0.25]))
+    assert vs["brier"]["low"] <= vs["brier"]["mean"] <= vs["brier"]["high"]
+    assert (f"model minus always 0.5: CE {evaluate.interval_text(vs['ce'])} (n 3)   Brier "
+            f"{evaluate.interval_text(vs['brier'])} (n 3)") in printed
+    assert set(summary["vs"]) == {"model"} and set(summary["vs"]["model"]) == {"always 0.5", "base rate", "market"}
 
 
 def test_refused_before_anything_runs(small, tmp_path, capsys):
@@ -142,7 +153,8 @@ def test_refused_before_anything_runs(small, tmp_path, capsys):
     out = tmp_path / "out"
     base = ["eval", "--data", str(path), "-o", str(out)]
     for argv, message in [
-        ([], "nothing to evaluate: give --model, --compare NAME=FILE, or both"),
+        ([], "nothing to evaluate: give --model, --compare NAME=FILE or --leaderboard FILE"),
+        (["--compare", f"mine={sets}", "--leaderboard-model", "x"], "--leaderboard-model names a row of --leaderboard"),
         (["--compare", f"mine={sets}", "--baseline-model", str(tmp_path)], "--baseline-model is sampled beside"),
         (["--compare", str(sets)], "expected NAME=FILE"),
         (["--compare", f"market={sets}"], "the table already has a row 'market'"),
@@ -204,3 +216,35 @@ def test_compare_forecastbench_set_end_to_end(forecastbench_parquet, tmp_path):
     assert got["model"] == "made-up forecasts on real ForecastBench ids" and got["rows"] == 21
     assert (got["forecast"], got["questions"], got["unmatched_ids"]) == (13, 1227, UNMATCHED)
     assert got["invalid_rows"] == INVALID and got["duplicates"] == {"infer/1563": [8, 20]}
+
+
+LEADERBOARD = SHARED / "data" / "forecastbench" / "leaderboard_baseline.csv"
+
+
+@needs_shared(LEADERBOARD)
+def test_leaderboard_rows_beside_ours(small, tmp_path, capsys):
+    """Their published rows on their questions, ours on the resolved market questions of the data (a and d here),
+    each block saying whose; no model needed."""
+    path, _ = small
+    out = tmp_path / "out"
+    assert cli.main(["eval", "--data", str(path), "--base-rate", "0.4", "--leaderboard", str(LEADERBOARD),
+                     "--leaderboard-model", "claude-3-5-sonnet-20241022", "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    theirs, ours = printed.split("THEIRS: ")[1].split("OURS: ")
+    assert "on THEIR market questions" in theirs and "on OUR resolved market questions" in ours
+    rows = {ln.split("  ")[1].strip(): ln.split()[-3:] for ln in theirs.splitlines()[2:]}
+    assert rows == {"Superforecaster median forecast": ["83.5]", "0.073", "57"],
+                    "Public median forecast": ["73.2]", "0.110", "57"], "Always 0.5": ["50.0]", "0.250", "3099"],
+                    "claude-3-5-sonnet-20241022": ["60.8]", "0.165", "656"]}
+    assert "claude-3-5-sonnet-20241022             59.4 [58.1, 60.8]" in theirs
+    market = (0.5 ** 2 + 0.1 ** 2) / 2  # the market's Brier on a (0.5, it happened) and d (0.9, it happened)
+    assert f"{leaderboard.brier_index(market):.1f} [" in ours.split("\n  market")[1].splitlines()[0]
+    assert "always 0.5" in ours and "50.0 [50.0, 50.0]    0.250         2" in ours
+    assert leaderboard.brier_index(0.073) == pytest.approx(72.98, abs=0.01)  # their index of their Brier
+    summary = json.loads((out / "summary.json").read_text())["leaderboard"]
+    assert [r["model"] for r in summary["theirs"]][-1] == "claude-3-5-sonnet-20241022"
+    assert summary["ours_brier_market"]["market"]["mean"] == pytest.approx(market)
+    assert summary["ours_brier_market"]["market"]["n"] == 2
+    assert cli.main(["eval", "--data", str(path), "--leaderboard", str(LEADERBOARD), "--leaderboard-model",
+                     "claude-3.5-sonnet"]) == 2
+    assert "is not a row of the leaderboard; nearest: claude-3-5-sonnet" in capsys.readouterr().err

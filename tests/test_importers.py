@@ -249,3 +249,60 @@ def test_csv_import_command(tmp_path, capsys):
     assert "skipped 7:" in capsys.readouterr().out
     assert cli.main(argv + ["--map", "txt=question"]) == 2
     assert "unknown field 'txt'" in capsys.readouterr().err
+
+
+def _fb_set(path, key, due, rows, name=None):
+    path.write_text(json.dumps({"forecast_due_date": due, "question_set": name or f"{due}-llm.json", key: rows}))
+    return path
+
+
+def test_forecastbench_several_sets_keep_each_question_once(tmp_path):
+    """Files or folders, in any order: a resolution set goes with the question set it names; a market asked again in
+    a later set is kept once, as first asked (its as-of date, market and that set's resolution)."""
+    sets = tmp_path / "sets"
+    sets.mkdir()
+    _fb_set(sets / "b.json", "questions", "2025-01-24",
+            [_fbq("m1", value="0.4", freeze_datetime="2025-01-15T00:00:00+00:00"), _fbq("m3", value="0.2")])
+    _fb_set(sets / "b_res.json", "resolutions", "2025-01-24", [_fbr("m1", value=0.0), _fbr("m3", resolved=False)])
+    _fb_set(sets / "d_res.json", "resolutions", "2025-02-21", [_fbr("x"), _fbr("y")])  # its question set not given
+    a = _fb_set(tmp_path / "a.json", "questions", "2025-01-10", [_fbq("m1"), _fbq("m2", value="0.6")])
+    a_res = _fb_set(tmp_path / "a_res.json", "resolutions", "2025-01-10", [_fbr("m1", value=1.0)])
+    c = _fb_set(tmp_path / "c.json", "questions", "2025-02-07", [_fbq("m4")])
+    qs, report = importers.import_forecastbench(c, sets, a_res, a)
+    by_id = {q.id: q for q in qs}
+    assert sorted(by_id) == ["metaculus/m1", "metaculus/m2", "metaculus/m3", "metaculus/m4"]
+    m1 = by_id["metaculus/m1"]  # the 2025-01-10 set's asking, with its own resolution set's outcome
+    assert (m1.as_of, m1.market_prob, m1.outcome) == (dt.date(2025, 1, 1), 0.3, 1)
+    assert by_id["metaculus/m3"].outcome is None and by_id["metaculus/m4"].outcome is None
+    assert report.skipped == {"asked again in a later set: the earliest asking is kept": 1}
+    assert report.unused_resolutions == {UNRESOLVED: 1,
+                                         "no question set '2025-02-21-llm.json' given with its resolution set": 2}
+    assert report.sets == ["a.json + a_res.json: 2 questions", "b.json + b_res.json: 2 questions",
+                           "c.json + no resolution set (no outcomes): 1 questions"]
+    with pytest.raises(ValueError, match="no question set among"):
+        importers.import_forecastbench(a_res)
+    with pytest.raises(FileNotFoundError, match="nowhere.json"):
+        importers.import_forecastbench(a, tmp_path / "nowhere.json")
+
+
+@needs_sample
+def test_forecastbench_all_shared_sets_split_without_sharing_a_market(tmp_path, capsys):
+    """The 14 shared sets in one command: 1,806 distinct markets of 3,500 askings, each kept as first asked, and a
+    time split of them that puts no market on both sides."""
+    first = {}  # (source, id) -> the earliest freeze date among the sets that ask it, from the raw files
+    for f in sorted(FB.glob("*-llm.json")):
+        for q in json.loads(f.read_text())["questions"]:
+            if q["source"] in MARKETS:
+                day = dt.datetime.fromisoformat(q["freeze_datetime"]).date()
+                first[q["source"], q["id"]] = min(day, first.get((q["source"], q["id"]), day))
+    out = tmp_path / "all.parquet"
+    assert cli.main(["data", "import", "forecastbench", str(FB), "-o", str(out)]) == 0
+    assert "asked again in a later set: the earliest asking is kept" in capsys.readouterr().out
+    markets = [q for q in qio.read_parquet(out) if q.source in MARKETS]
+    assert len(first) == len(markets) == 1806
+    assert all(q.as_of == first[tuple(q.id.split("/", 1))] for q in markets)
+    train, held = tmp_path / "train.parquet", tmp_path / "eval.parquet"
+    assert cli.main(["data", "split", str(out), "--cutoff", "2026-02-01", "--train", str(train),
+                     "--eval", str(held)]) == 0
+    ids = [{q.id for q in qio.read_parquet(p) if q.market_prob is not None} for p in (train, held)]
+    assert (len(ids[0]), len(ids[1])) == (1117, 687) and not ids[0] & ids[1]

@@ -191,7 +191,7 @@ def test_a_later_revision_is_refused_counted_and_not_kept(wiki):
     run(make, get("Paris", D(2020, 1, 1)))
     before = rows(cache)
     fake.lie = 1.0
-    client = make()
+    client = make(live_search=True)  # the cache's index finds nothing for bitcoin: the upstream's search is asked
     leak, redirected, search = run(lambda **_: client, get("Bitcoin", D(2018, 1, 1)), get("Twitter", D(2016, 1, 1)),
                                    lambda c: c.search("bitcoin", D(2018, 1, 1)))
     assert leak.code == "leak" and "refused" in leak.message
@@ -274,12 +274,14 @@ def test_offline_answers_from_the_cache_only(wiki):
     assert len(fake.requests) == n
 
 
-def test_search_shows_only_pages_that_existed_with_their_text_then(wiki):
+def test_live_search_shows_only_pages_that_existed_with_their_text_then(wiki):
+    """wiki.live_search: today's search index picks the candidates for a query the cache's index finds nothing for;
+    what it shows is still only pages that existed then, as they stood then."""
     fake, _, make = wiki
     olympics, medal, chatbot, chatbot_later, again = run(
         make, lambda c: c.search("Olympics Paris", D(2020, 1, 1)), lambda c: c.search("medal", D(2020, 1, 1)),
         lambda c: c.search("chatbot", D(2022, 6, 1)), lambda c: c.search("chatbot", D(2023, 6, 1)),
-        lambda c: c.search("Olympics Paris", D(2020, 1, 1)))
+        lambda c: c.search("Olympics Paris", D(2020, 1, 1)), live_search=True)
     assert olympics.cache == "miss" and {r["title"] for r in olympics.results} == {"2024 Summer Olympics", "Paris"}
     for r in olympics.results:
         assert r["timestamp"] <= "2020-01-01T23:59:59Z" and "2024-08-12" not in r["snippet"]
@@ -301,3 +303,72 @@ def test_offline_search_ranks_the_cached_pages_as_of_the_date(wiki):
     assert [(r["revid"], early.cache) for r in early.results] == [(1002, "hit")]
     assert [r["revid"] for r in late.results] == [1003]  # the newest cached revision, not today's
     assert nothing.results == []
+
+
+class Prominent(FakeMediaWiki):
+    """A wiki whose search ranks by today's text: the pages that mention the query most now come first."""
+
+    def _search(self, p):
+        found = super()._search({**p, "srlimit": "50"})["query"]["search"]
+        word = p["srsearch"].lower()
+        found.sort(key=lambda h: -self.pages[h["title"]][-1]["content"].lower().count(word))
+        return {"batchcomplete": True, "query": {"search": found[:int(p.get("srlimit", 10))]}}
+
+
+def rev(revid, day, content):
+    return {"revid": revid, "timestamp": f"{day}T00:00:00Z", "content": content}
+
+
+# OpenAI mentioned chatbots once in 2016 and is all about one today; ChatGPT did not exist before 2022-11-30
+CHATBOTS = {"pages": {
+    "ELIZA": [rev(7001, "2010-01-01", "ELIZA is an early chatbot. The chatbot imitates a therapist.")],
+    "Cleverbot": [rev(7011, "2012-01-01", "Cleverbot is a chatbot that learns from its conversations.")],
+    "OpenAI": [rev(7021, "2016-01-01", "OpenAI is a laboratory for research in artificial intelligence, founded in "
+                   "2015. Its researchers publish papers on reinforcement learning, robotics, games and language, "
+                   "and one of them is about a chatbot."),
+               rev(7022, "2023-02-01", "OpenAI makes ChatGPT, a chatbot. The chatbot is the most used chatbot.")],
+    "ChatGPT": [rev(7031, "2022-11-30", "ChatGPT is a chatbot made by OpenAI.")],
+}}
+
+
+@pytest.fixture
+def chatbots(tmp_path):
+    with Prominent(CHATBOTS) as fake:
+        cache = WikiCache(tmp_path / "cache.sqlite")
+        yield fake, cache, lambda **kw: WikiRevisionClient(fake.config(cache.path, search_limit=5, **kw), cache)
+        cache.close()
+
+
+def test_search_picks_and_ranks_its_pages_as_of_the_date(chatbots):
+    """The pages the cache holds, each as it stood on the date: a page that became prominent later (OpenAI) does not
+    push out the ones that mattered then, one created later (ChatGPT) is not there, and today's index is never
+    asked."""
+    fake, _, make = chatbots
+    run(make, *(get(t, D(2020, 1, 1)) for t in ("ELIZA", "Cleverbot", "OpenAI")),
+        *(get(t, D(2023, 6, 1)) for t in ("OpenAI", "ChatGPT")))  # the cache holds the later revisions too
+    top2, then, later = run(make, lambda c: c.search("chatbot", D(2020, 1, 1), limit=2),
+                            lambda c: c.search("chatbot", D(2020, 1, 1)), lambda c: c.search("chatbot", D(2023, 6, 1)))
+    assert [r["title"] for r in top2.results] == ["ELIZA", "Cleverbot"] and top2.cache == "hit"
+    assert {(r["title"], r["revid"]) for r in then.results} == {("ELIZA", 7001), ("Cleverbot", 7011), ("OpenAI", 7021)}
+    assert all("ChatGPT" not in r["snippet"] for r in then.results)
+    assert {(r["title"], r["revid"]) for r in later.results} >= {("OpenAI", 7022), ("ChatGPT", 7031)}
+    assert not [r for r in fake.requests if r["params"].get("list") == "search"]
+
+
+def test_live_search_is_an_opt_in_fallback_and_counted(chatbots):
+    """Today's index ranks OpenAI first for "chatbot": the fallback, asked for one candidate, shows it as it stood
+    in 2020; that choice is what became notable later, so it is off unless asked for, and counted when used."""
+    fake, _, make = chatbots
+    (default,) = run(make, lambda c: c.search("chatbot", D(2020, 1, 1)))
+    assert default.results == [] and not fake.requests  # an empty cache knows no page: nothing is asked upstream
+
+    async def live():
+        client = make(live_search=True, search_candidates=1)
+        try:
+            return await client.search("chatbot", D(2020, 1, 1)), client.metrics.live_searches._value.get()
+        finally:
+            await client.aclose()
+
+    found, counted = asyncio.run(live())
+    assert [(r["title"], r["revid"]) for r in found.results] == [("OpenAI", 7021)] and counted == 1
+    assert [r["params"]["srsearch"] for r in fake.requests if r["params"].get("list") == "search"] == ["chatbot"]

@@ -7,8 +7,8 @@ Tables:
 - `lookups(title_key, as_of, status, revid, resolved_title, redirected_from)`: what a title showed as of a date:
   `ok` and a revision, or `missing` / `not_yet` (valid answers too). Failures are never stored.
 - `pages(title, created)`: a page's first revision's timestamp; search drops pages created after the as-of date.
-- `searches(query_key, as_of, results)`: a finished search's ranked answer, so a question asked again (by every
-  sample of a GRPO group) gets the same answer without asking the upstream again.
+- `searches(query_key, as_of, results)`: a finished live search's ranked answer (`wiki.live_search`), so a question
+  asked again (by every sample of a GRPO group) gets the same answer without asking the upstream again.
 
 Writes: each `put_*` is one transaction; inside `with cache.bulk():` all of them are one. The client writes a fetch's
 revisions and its lookup in one transaction and only once everything checked out, so a failed or refused fetch
@@ -303,7 +303,7 @@ class WikiCache:
         return self._rank(query, "SELECT value FROM json_each(?)", (json.dumps(revids),), limit)
 
     def rank_as_of(self, query: str, as_of: dt.date, limit: int) -> list[dict]:
-        """The same over each cached page's newest cached revision at or before `as_of` (offline search)."""
+        """The same over each cached page's newest cached revision at or before `as_of`: search as of the date."""
         return self._rank(query, "SELECT revid FROM revisions r WHERE timestamp = (SELECT MAX(timestamp) FROM "
                           "revisions WHERE title = r.title AND timestamp <= ?)", (end_of(as_of),), limit)
 

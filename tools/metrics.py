@@ -23,6 +23,9 @@ class ToolMetrics:
                                        registry=r)
         self.leaks_refused = Counter(p + "leaks_refused", "Upstream answers later than the as-of date, refused",
                                      registry=r)
+        self.live_searches = Counter(p + "live_searches", "Searches whose candidates came from the wiki's search "
+                                     "index of today (wiki.live_search), not from the pages as of the date",
+                                     registry=r)
         self.request_seconds = Histogram(p + "request_seconds", "Service request latency", ["endpoint"],
                                          buckets=LATENCY_BUCKETS, registry=r)
 

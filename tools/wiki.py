@@ -12,9 +12,16 @@ Etiquette (Wikimedia's API guidelines): a descriptive User-Agent with contact de
 `max_concurrency` (≤ 3) requests in flight, `maxlag`, exponential backoff that honours Retry-After, a timeout on every
 request, and only the configured endpoint is ever fetched.
 
-Search never shows today's text: the upstream search gives candidate titles only (its snippets are today's text and
-are never read), pages created after the date are dropped, and the rest are ranked by bm25 over their text as of
-the date (a page whose text then does not match the query at all is dropped); snippets come from that text.
+Search is as of the date, candidates and ranking both: an FTS5 index over the cache's revisions, each page's newest
+one at or before the date (`WikiCache.rank_as_of`), picks the candidates; each is then shown as it stood on the date
+(the page's revision then, fetched if the cache has only an older one; offline, the cached one), ranked by bm25 over
+that text, snippets from it. The cache holds the pages `wiki` calls fetched and those of a snapshot: a page that
+existed then but was never fetched is not found, and one that only became notable later is found only as it stood
+then, ranked by what it said then. Today's search index is never consulted
+unless `wiki.live_search` is on, and then only for a query the as-of index finds nothing for (counted): its titles
+are candidates only (its snippets are today's text and are never read), pages created after the date are dropped,
+and the rest are ranked by bm25 over their text as of the date (a page whose text then does not match the query at
+all is dropped). The choice of candidates still reflects what is notable today: that is why it is off by default.
 """
 
 from __future__ import annotations
@@ -365,31 +372,46 @@ class WikiRevisionClient:
         self.cache.put_page(page.title, created)
         return created
 
-    async def _candidate(self, title: str, as_of: dt.date) -> tuple[int | None, bool]:
-        """(the revision id a search candidate showed as of the date, or None to drop it; whether the upstream's
-        answer for it was refused as a leak)."""
-        created = await self._created(title)
-        if created is None or is_after(created, as_of):
-            return None, False
+    async def _shown(self, title: str, as_of: dt.date) -> tuple[Revision | None, bool]:
+        """(what a search candidate showed as of the date, or None to drop it; whether the upstream's answer for it
+        was refused as a leak)."""
         try:
-            return (await self.get(title, as_of)).revid, False
+            return await self.get(title, as_of), False
         except ToolError as e:
             if e.code in ("missing", "not_yet", "invalid_title", "leak"):
                 return None, e.code == "leak"
             raise
 
+    async def _candidate(self, title: str, as_of: dt.date) -> tuple[Revision | None, bool]:
+        """`_shown` for a title of today's search index, which may name a page created after the date."""
+        created = await self._created(title)
+        if created is None or is_after(created, as_of):
+            return None, False
+        return await self._shown(title, as_of)
+
     async def search(self, query: str, as_of: dt.date, limit: int | None = None) -> Found:
-        """Pages that existed at the end of `as_of`, ranked by how their text then matches `query`."""
+        """Pages as they stood at the end of `as_of`, ranked by how their text then matches `query` (module
+        docstring): from the cache's index as of the date, or with `live_search`, for a query it finds nothing for,
+        from today's search index's candidates."""
         if not query.strip():
             raise ToolError("bad_request", "query is empty")
         limit = min(limit or self.cfg.search_limit, self.cfg.search_limit)
+        hits, cache = self.cache.rank_as_of(query, as_of, self.cfg.search_candidates), "hit"
+        if hits and not self.cfg.offline:
+            # the index holds each page's newest revision in the cache at or before the date: show the one it had then
+            shown = [rev for rev, _ in await asyncio.gather(*(self._shown(h["title"], as_of) for h in hits)) if rev]
+            hits = self.cache.rank_revisions(query, [rev.revid for rev in shown], limit)
+            cache = "hit" if all(rev.cache == "hit" for rev in shown) else "miss"
+        else:
+            self.metrics.cache_hits.inc()
+        found = self._refuse_later(hits[:limit], as_of)
+        if found or not self.cfg.live_search or self.cfg.offline:
+            return Found(found, cache)
+        self.metrics.live_searches.inc()  # today's index picks the candidates (now, or when the memo was made)
         memo = self.cache.search_results(query, as_of)
         if memo is not None:
             self.metrics.cache_hits.inc()
             return Found(memo[:limit], "hit")
-        if self.cfg.offline:
-            self.metrics.cache_hits.inc()
-            return Found(self._refuse_later(self.cache.rank_as_of(query, as_of, limit), as_of), "hit")
         self.metrics.cache_misses.inc()
         body = await self._api(dict(action="query", list="search", srsearch=query, srprop="", srinfo="",
                                     srlimit=str(self.cfg.search_candidates)))
@@ -398,7 +420,7 @@ class WikiRevisionClient:
             raise ToolError("upstream", f"the search answer for {query!r} has no results list")
         titles = [h["title"] for h in hits if isinstance(h, dict) and isinstance(h.get("title"), str)]
         candidates = await asyncio.gather(*(self._candidate(t, as_of) for t in titles))
-        revids = [revid for revid, _ in candidates if revid is not None]
+        revids = [rev.revid for rev, _ in candidates if rev is not None]
         results = self._refuse_later(self.cache.rank_revisions(query, revids, self.cfg.search_limit), as_of)
         if is_over(as_of) and not any(refused for _, refused in candidates):  # a refusal may hide a good page
             self.cache.put_search(query, as_of, results)
