@@ -8,10 +8,14 @@
    the reference replays every conversation's turns in turn order, each turn of every conversation in one
    `generate` call from its exact context, forced to the length the model sampled (no tool round trips, perfect
    batching, the same prefix cache). Model tokens only count, in both.
+3. Generation tokens/s with `rollout.deterministic_turns` (every answer of a step's calls in before the engine's next
+   step, the next turns in conversation order) against today's order (a turn goes in once its answers are read):
+   both each round, which one first alternating; the median of each round's ratio, and the ratio of each order's
+   best round (the least disturbed by whatever else the machine runs), are reported.
 
 The tool service runs as a user runs it, in its own process (`forecast-grpo wiki serve`); the rollout worker (one
-engine for all three: tools on, off, and the raw replay) is in this process, on core 1. Rounds alternate the three;
-medians are reported.
+engine for all of them: tools on in both orders, off, and the raw replay) is in this process, on core 1. Rounds
+alternate them; medians are reported.
 """
 
 from __future__ import annotations
@@ -71,12 +75,18 @@ def main():
     try:
         worker = RolloutWorker(cfg.rollout_job(), tool_url=url)  # one engine: vLLM is one per process here
         steps = {"tools on": [], "tools off": []}
-        ours_tps, raw_tps = [], []
+        ours_tps, raw_tps, order_tps = [], [], {False: [], True: []}
         for r in range(args.repeats + 1):  # the first round warms both up
             instances = sampler.step(r, cfg.rollout.prompts_per_step)
-            t = time.perf_counter()
-            convs = worker._converse(instances, cfg.rollout.group_size)
-            on_s = time.perf_counter() - t
+            tps = {}
+            for deterministic in (False, True) if r % 2 else (True, False):  # alternate which goes first: noise
+                worker._rollout.cfg.deterministic_turns = deterministic
+                t = time.perf_counter()
+                got = worker._converse(instances, cfg.rollout.group_size)
+                took = time.perf_counter() - t
+                tps[deterministic] = sum(sum(c.mask) for c in got) / took
+                if not deterministic:
+                    convs, on_s = got, took
             kinds, worker.kinds = worker.kinds, []  # the same worker and engine with tools off: one turn
             t = time.perf_counter()
             worker.generate(instances)
@@ -112,12 +122,15 @@ def main():
                 steps["tools off"].append(off_s)
                 ours_tps.append(model_tokens / on_s)
                 raw_tps.append(model_tokens / raw_s)
+                for deterministic, v in tps.items():
+                    order_tps[deterministic].append(v)
             calls = sum(c.calls for c in convs)
             hits = sum(c.cache_hits for c in convs)
             asked = len(worker._rollout.runner._shared)  # distinct calls: the rest shared their answers
             print(f"round {r}: {len(convs)} conversations, {calls} tool calls ({asked} distinct, {hits} cache hits), "
                   f"{model_tokens} "
-                  f"model tokens; tools on {on_s:.2f}s, tools off {off_s:.2f}s, raw replay {raw_s:.2f}s", flush=True)
+                  f"model tokens; tools on {on_s:.2f}s, tools off {off_s:.2f}s, raw replay {raw_s:.2f}s; tokens/s "
+                  f"deterministic turns {tps[True]:.0f}, today's order {tps[False]:.0f}", flush=True)
     finally:
         proc.kill()
     on, off_ = statistics.median(steps["tools on"]), statistics.median(steps["tools off"])
@@ -126,6 +139,10 @@ def main():
     print(f"rollout step: tools on {on:.3f}s (median), tools off {off_:.3f}s: {on / off_:.2f}x")
     print(f"generation tokens/s: multi-turn rollout {o:.0f}, raw vLLM replay {r:.0f}")
     print(f"multiturn_cost: step ratio on/off {on / off_:.2f}; tokens/s ratio {o / r:.3f} (target >= 0.8)")
+    ratios = [d / f for d, f in zip(order_tps[True], order_tps[False])]
+    print(f"deterministic turns: tokens/s ratio to today's order {statistics.median(ratios):.3f} (median of "
+          f"{len(ratios)} rounds: {', '.join(f'{x:.2f}' for x in ratios)}); best rounds {max(order_tps[True]):.0f} "
+          f"vs {max(order_tps[False]):.0f}: {max(order_tps[True]) / max(order_tps[False]):.3f}")
 
 
 if __name__ == "__main__":

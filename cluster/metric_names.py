@@ -17,12 +17,15 @@ GAUGES = (
     ("ray_forecast_grpo_train_seconds", "the step's learner time"),
     ("ray_forecast_grpo_sync_seconds", "the driver's wait for the step's weight broadcast"),
     ("ray_forecast_grpo_tokens_per_second", "tokens generated per second of generation"),
-    ("ray_forecast_grpo_cache_hit_rate", "share of tool lookups answered from the revision cache"),
+    ("ray_forecast_grpo_cache_hit_rate", "share of the tool calls the tool service answered that it answered from "
+     "its revision cache (answers shared within a batch asked it nothing: tool_shared_answers)"),
     ("ray_forecast_grpo_turns_mean", "mean assistant turns per trajectory"),
 )
 
 COUNTERS = (
     ("ray_forecast_grpo_tool_calls_total", "tool calls made"),
+    ("ray_forecast_grpo_tool_shared_answers_total", "tool calls answered with the answer of the same call asked "
+     "earlier in the batch: no request to the tool service"),
     ("ray_forecast_grpo_tool_errors_total", "tool calls that failed, by label `kind`"),
     ("ray_forecast_grpo_leak_violations_total", "tool answers withheld for content after the question's as-of date"),
     ("ray_forecast_grpo_dropped_trajectories_total", "trajectories not trained on, by label `reason`"),

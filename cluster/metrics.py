@@ -15,8 +15,8 @@ SOURCES = {"step": "step", "policy_version": "policy_version", "staleness": None
            "ce_mean": "ce_mean", "skill": "skill", "format_fail_rate": "format_fail_rate", "gen_seconds": "gen_s",
            "train_seconds": "train_s", "sync_seconds": "sync_s", "tokens_per_second": None,
            "cache_hit_rate": "cache_hit_rate", "turns_mean": "turns_mean", "tool_calls": "tool_calls",
-           "tool_errors": ("tool_errors_", "kind"), "leak_violations": "leak_violations",
-           "dropped_trajectories": ("dropped_", "reason")}
+           "tool_shared_answers": "tool_shared_answers", "tool_errors": ("tool_errors_", "kind"),
+           "leak_violations": "leak_violations", "dropped_trajectories": ("dropped_", "reason")}
 
 
 def _short(name: str) -> str:

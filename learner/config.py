@@ -8,16 +8,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from rollout.config import ModelConfig, TaskConfig
+from tools.config import Strict
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class GRPOConfig(_Strict):
+class GRPOConfig(Strict):
     """The objective (`learner/grpo.py` has the formulas)."""
 
     normalize_std: bool = True
@@ -45,7 +42,7 @@ class GRPOConfig(_Strict):
     """Bonus on the policy's token entropy (keeps a group's samples diverse)."""
 
 
-class LearnerConfig(_Strict):
+class LearnerConfig(Strict):
     world_size: int = Field(1, ge=1)
     zero_stage: int = Field(0, ge=0, le=3)
     lr: float = Field(1e-4, gt=0.0)
@@ -79,7 +76,7 @@ class LearnerConfig(_Strict):
         return self
 
 
-class LearnerJob(_Strict):
+class LearnerJob(Strict):
     """What a learner rank needs to know of the job (`JobConfig.learner_job()` builds it)."""
 
     model: ModelConfig

@@ -10,7 +10,6 @@ systems can be compared on the same prompts.
 
 from __future__ import annotations
 
-import math
 from fractions import Fraction
 from itertools import product
 
@@ -102,7 +101,3 @@ def questions(families: list[str], split: str = "train") -> list[Question]:
 
 def family_of(q: Question) -> str:
     return q.source.split("/", 1)[1] if q.source.startswith("synthetic/") else q.source
-
-
-def binary_entropy(p: float) -> float:
-    return 0.0 if p <= 0.0 or p >= 1.0 else -(p * math.log(p) + (1 - p) * math.log(1 - p))

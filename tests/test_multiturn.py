@@ -113,6 +113,10 @@ def test_learner_logprobs_match_the_sampler_on_multi_turn_batches(ray_local, pro
     model token (and the tool tokens, mask 0, are not trained on)."""
     batch = ray_local.get(probe.generate.remote(_instances(cfg, 1, 8)), timeout=600)
     assert batch.tool_calls.sum() > 0 and (batch.turns > 1).any()
+    # a group's samples ask the same page: those answers are shared, asking the service nothing (no lookup of its)
+    stats = batch.tool_stats
+    assert 0 < stats["tool_shared_answers"] and stats["tool_shared_answers"] + stats.get("cache_lookups", 0) <= \
+        batch.tool_calls.sum()
     learner = ray_local.remote(Learner).options(num_cpus=0.5).remote(cfg.learner_job(), 0, 1, "127.0.0.1", None,
                                                                       None)
     lp = ray_local.get(learner.sequence_logprobs.remote(batch), timeout=300)

@@ -1,7 +1,10 @@
-"""`ray job submit`, for real: a head started with `ray start --head` on 127.0.0.1 with the dashboard, the dice
-recipe submitted with `ray job submit --working-dir .`, its logs and its run folder (a `file://` URI: a folder the
-driver does not own); then a second job, its training metrics scraped from the node's metrics export port while it
-runs, stopped with `ray job stop` mid-run, which must save a complete checkpoint and end cleanly; then `ray stop`.
+"""`ray job submit`, for real: a head started with `ray start --head` on 127.0.0.1 with the dashboard, the demo
+recipe submitted as the README says (`ray job submit --working-dir . -- python -m cluster.train --config
+cluster/configs/demo-cpu.yaml`: `models/` does not travel, and the job writes the tool world it needs into its working
+directory; only the tiny model is given, whose build would take minutes), its logs and its run folder (a `file://`
+URI: a folder the driver does not own); then a second job, on the dice recipe, its training metrics scraped from
+the node's metrics export port while it runs, stopped with `ray job stop` mid-run, which must save a complete
+checkpoint and end cleanly; then `ray stop`.
 
 The job asks for the grace its stop needs: `RAY_JOB_STOP_WAIT_TIME_S` in its runtime_env (Ray's default, 3 s,
 is less than a step and a save of a real model take)."""
@@ -9,7 +12,6 @@ is less than a step and a save of a real model take)."""
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -19,17 +21,12 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from learner.learner import free_port
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.e2e
 BIN = Path(sys.executable).parent
 RUNTIME_ENV = {"excludes": [".git", ".venv", "models", "runs"], "env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": "120"}}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -57,10 +54,10 @@ def ray_cli(env, *args, timeout=600):
                           timeout=timeout)
 
 
-def submit(env, job_id, out, tiny_model, *sets, wait=False):
+def submit(env, job_id, out, tiny_model, *sets, config="cluster/configs/dice-cpu.yaml", wait=False):
     cmd = ["job", "submit", "--working-dir", ".", "--runtime-env-json", json.dumps(RUNTIME_ENV),
            "--submission-id", job_id, *([] if wait else ["--no-wait"]), "--", sys.executable, "-m", "cluster.train",
-           "--config", "cluster/configs/dice-cpu.yaml"]
+           "--config", config]
     for s in (f"model.path={tiny_model}", f"run.out_dir=file://{out}", f"run.name={job_id}", "run.progress=false",
               "run.eval_samples=2", "run.max_minutes=null", *sets):
         cmd += ["--set", s]
@@ -119,15 +116,18 @@ def scrape(port, run) -> dict:
 
 def test_submit_runs_to_success(head, tiny_model):
     env, ports, out = head
-    submit(env, "job1", out, tiny_model, "run.steps=30")
+    submit(env, "job1", out, tiny_model, f"tools.wiki.tokenizer={tiny_model}", "run.steps=3",
+           "run.eval_max_questions=1", config="cluster/configs/demo-cpu.yaml")
     assert wait_for(lambda: status(env, "job1") in ("SUCCEEDED", "FAILED", "STOPPED") and status(env, "job1"), 600,
                     "job1 to end") == "SUCCEEDED"
     logs = ray_cli(env, "job", "logs", "job1").stdout
-    assert "=== forecast-grpo summary ===" in logs and "step   29" in logs
+    assert "writing the tool world's wiki.parquet to models/tool-world/wiki.parquet" in logs
+    assert "=== forecast-grpo summary ===" in logs and "step    2" in logs and "leaks 0" in logs
     run_dir = out / "job1"
-    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 30
-    assert (run_dir / "checkpoints" / "step_000030" / "COMPLETE").is_file()
-    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 30
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(3)) and all(r["tool_calls"] > 0 for r in rows)
+    assert (run_dir / "checkpoints" / "step_000003" / "COMPLETE").is_file()
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 3
 
 
 def test_metrics_are_exported_and_job_stop_saves_a_complete_checkpoint(head, tiny_model):
