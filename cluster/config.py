@@ -15,22 +15,19 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from learner.config import GRPOConfig, LearnerConfig, LearnerJob
+from model.config import WarmstartConfig
 from rollout.config import ModelConfig, RolloutConfig, RolloutJob, TaskConfig
-from tools.config import ToolsConfig
+from tools.config import Strict, ToolsConfig
 
 
 class ConfigError(ValueError):
     """A config that cannot run; the message names the key and its source."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class SyncConfig(_Strict):
+class SyncConfig(Strict):
     every: int = Field(1, ge=1)
     """Learner steps between weight broadcasts; the policy version bumps at each broadcast."""
     transport: Literal["object_store", "collective"] = "object_store"
@@ -43,7 +40,7 @@ class SyncConfig(_Strict):
     """No trajectory older than this many learner steps is trained on (late ones are dropped and counted)."""
 
 
-class RunConfig(_Strict):
+class RunConfig(Strict):
     name: str = "demo"
     out_dir: str = "runs"
     steps: int = Field(100, ge=1)
@@ -60,21 +57,28 @@ class RunConfig(_Strict):
     """Samples per eval question."""
     eval_max_questions: int | None = Field(None, ge=1)
     """Evaluate on a fixed random subset of this many questions per set (None: all of them)."""
+    eval_batch_questions: int = Field(8, ge=1)
+    """Questions per evaluation call to a rollout worker (and per call to the engine of `forecast-grpo eval`). Each
+    call moves the progress on and is awaited for at most `timeouts.generate_s`, so an evaluation takes as long as
+    its work needs: size it so one call takes tens of seconds (questions x eval_samples x max_new_tokens tokens at
+    the engine's speed: about 50 tokens/s for SmolLM2-135M on a 2-core laptop, 325 times that for the tiny model)."""
     progress: bool = True
+    """Progress bars on stderr: the training steps, and each evaluation (questions done, samples/s, ETA)."""
 
 
-class TimeoutConfig(_Strict):
+class TimeoutConfig(Strict):
     """Every remote wait is bounded; a timeout is an error that names the role that did not answer."""
 
     startup_s: float = Field(600.0, gt=0)
     generate_s: float = Field(600.0, gt=0)
+    """A worker's share of a step's generation, and one evaluation call (`run.eval_batch_questions` questions)."""
     train_s: float = Field(600.0, gt=0)
     sync_s: float = Field(300.0, gt=0)
     save_s: float = Field(600.0, gt=0)
     connect_s: float = Field(30.0, gt=0)
 
 
-class ClusterHardware(_Strict):
+class ClusterHardware(Strict):
     """The nodes `forecast-grpo plan` places the job on and checks its memory against (`cluster/placement.py`,
     `cluster/memory.py`); the KubeRay manifests request the same. Nodes are alike. Ray itself is not told."""
 
@@ -88,7 +92,7 @@ class ClusterHardware(_Strict):
     """Host memory of a node (a KubeRay pod's memory limit): offloaded optimizer states and CPU-only roles."""
 
 
-class RayConfig(_Strict):
+class RayConfig(Strict):
     address: str | None = None
     """Cluster to join; None uses RAY_ADDRESS if set, else starts a local Ray."""
     num_cpus: int | None = None
@@ -98,7 +102,7 @@ class RayConfig(_Strict):
     cluster: ClusterHardware = ClusterHardware()
 
 
-class JobConfig(_Strict):
+class JobConfig(Strict):
     model: ModelConfig = ModelConfig()
     task: TaskConfig = TaskConfig()
     rollout: RolloutConfig = RolloutConfig()
@@ -109,6 +113,7 @@ class JobConfig(_Strict):
     timeouts: TimeoutConfig = TimeoutConfig()
     ray: RayConfig = RayConfig()
     tools: ToolsConfig = ToolsConfig()
+    warmstart: WarmstartConfig = WarmstartConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> "JobConfig":
@@ -123,6 +128,9 @@ class JobConfig(_Strict):
                              f"learner.world_size = {self.learner.world_size}")
         if self.task.source == "parquet" and not self.task.data:
             raise ValueError("task.data must name a Parquet file when task.source is 'parquet'")
+        if self.task.source != "parquet" and (self.task.eval_data or self.task.train_before):
+            raise ValueError("task.eval_data and task.train_before split real questions: they need task.source "
+                             "'parquet' (synthetic families hold out their own parameters: task.split)")
         if self.grpo.updates_per_batch > 1 and batch // self.learner.world_size < self.grpo.updates_per_batch:
             raise ValueError("grpo.updates_per_batch exceeds the sequences each learner rank gets per step")
         return self

@@ -1,12 +1,16 @@
 """`forecast-grpo report RUN_DIR`: the plots of a training run, as PNG files in the run folder.
 
     learning_curve.png   reward per step against the three reference levels (random, best constant, entropy
-                         floor), and the cross-entropy to the target against its floor (-ref_floor)
+                         floor), and the cross-entropy to the target against its floor (-ref_floor), with each
+                         evaluation set's CE over the steps (`evals` in metrics.jsonl; on held-out real questions
+                         beside its best constant and the market's floor)
     reliability.png      mean forecast against observed frequency per bin, with the forecast histogram below;
                          drawn when the run has eval predictions (RUN_DIR/eval/predictions.parquet, written by
                          `forecast-grpo eval` on one of the run's checkpoints) or when --predictions names a file
 
-Both plotting functions take their data explicitly, so the driver can draw them from what it has in memory.
+Both plotting functions take their data explicitly, so the driver can draw them from what it has in memory. With
+nothing to draw (no step with a reward, no parseable forecast) each says so and draws nothing: the end of a run never
+fails on a plot.
 """
 
 from __future__ import annotations
@@ -48,20 +52,22 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 def _series(metrics: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
-    pts = [(m["step"], m[key]) for m in metrics if m.get(key) is not None and "step" in m]
+    """(steps, values) of the steps that have a value (a skipped step has no reward; NaN is read back as null)."""
+    pts = [(m["step"], m[key]) for m in metrics if m.get(key) is not None and np.isfinite(m[key]) and "step" in m]
     return (np.array([p[0] for p in pts], dtype=float), np.array([p[1] for p in pts], dtype=float)) if pts else \
         (np.array([]), np.array([]))
 
 
 def plot_learning_curve(metrics: list[dict], levels: dict | None, path: str | Path, reward_mode: str = "market",
-                        title: str = "") -> Path:
+                        title: str = "") -> Path | None:
     """Reward (and its noise-free expectation) per step against the reference levels; CE against its floor.
 
     The CE floor is -ref_floor where the reward is a log score (market, outcome_log): there the floor reward is
-    minus the entropy of the targets. For outcome_brier there is no CE floor to draw.
+    minus the entropy of the targets. For outcome_brier there is no CE floor to draw. None (and a line saying so)
+    where no step has a reward.
     """
-    if not metrics:
-        raise ValueError("no metrics to plot")
+    if not _series(metrics, "reward_mean")[0].size:
+        return _skipped(path, "no step has a reward")
     fig, (ax_r, ax_c) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
     window = max(1, len(metrics) // 50)
     shown = []
@@ -92,12 +98,30 @@ def plot_learning_curve(metrics: list[dict], levels: dict | None, path: str | Pa
     if levels and levels.get("ref_floor") is not None and reward_mode in ("market", "outcome_log"):
         ax_c.axhline(-levels["ref_floor"], color="tab:green", linestyle=":",
                      label=f"floor: entropy of the targets {-levels['ref_floor']:.3f}")
+    _plot_evals(ax_c, [e for m in metrics for e in m.get("evals", [])])
     ax_c.set_xlabel("step")
     ax_c.set_ylabel("cross-entropy (nats)")
     ax_c.legend(fontsize=8, loc="upper right")
     ax_c.grid(alpha=0.3)
     fig.suptitle(title or "learning curve")
     return _save(fig, path)
+
+
+def _plot_evals(ax, records: list[dict]) -> None:
+    """Each evaluation set's CE by the steps done when it was taken; a held-out set of real questions also gets
+    its best constant's CE and the market's floor (the last evaluation's: the same questions every time)."""
+    sets: dict[str, list[dict]] = {}
+    for r in records:
+        if r.get("ce") is not None:
+            sets.setdefault(r["set"], []).append(r)
+    for k, (name, rs) in enumerate(sets.items()):
+        color = f"C{5 + k % 5}"  # brown, pink, gray, olive, cyan: none of the training curves' colors
+        ax.plot([r["steps"] for r in rs], [r["ce"] for r in rs], "o-", color=color, label=f"eval {name}: CE")
+        last = rs[-1]
+        for key, label, style in (("ce_constant", "best constant", "--"), ("ce_floor", "market floor", ":")):
+            if last.get(key) is not None:
+                ax.axhline(last[key], color=color, linestyle=style, linewidth=0.8,
+                           label=f"eval {name}: {label} {last[key]:.3f}")
 
 
 def _rolling(y: np.ndarray, window: int) -> np.ndarray:
@@ -129,8 +153,9 @@ def reliability_data(predictions: pa.Table) -> tuple[np.ndarray, np.ndarray, str
 
 
 def plot_reliability(series: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path, bins: int = 10,
-                     ylabel: str = "observed frequency", title: str = "") -> Path:
-    """One line per forecaster: {label: (forecasts, targets)}; NaN pairs are left out. Histogram of forecasts below."""
+                     ylabel: str = "observed frequency", title: str = "") -> Path | None:
+    """One line per forecaster: {label: (forecasts, targets)}; NaN pairs are left out. Histogram of forecasts below.
+    None (and a line saying so) where no forecaster has a parseable forecast with a target."""
     fig, (ax, ax_h) = plt.subplots(2, 1, figsize=(6, 7), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     ax.plot([0, 1], [0, 1], color="gray", linestyle=":", label="perfectly calibrated")
     drawn, width = 0, 0.9 / bins / len(series)
@@ -146,7 +171,7 @@ def plot_reliability(series: dict[str, tuple[np.ndarray, np.ndarray]], path: str
         ax_h.bar(left, rel.count, width=width, align="edge", alpha=0.7, label=label)
     if not drawn:
         plt.close(fig)
-        raise ValueError("no forecast has a target to compare with: nothing to draw")
+        return _skipped(path, "no parseable forecast with a target to compare it with")
     ax.set_xlim(-0.02, 1.02)
     ax.set_ylim(-0.02, 1.02)
     ax.set_ylabel(ylabel)
@@ -156,6 +181,10 @@ def plot_reliability(series: dict[str, tuple[np.ndarray, np.ndarray]], path: str
     ax_h.set_ylabel("questions")
     fig.suptitle(title or "reliability")
     return _save(fig, path)
+
+
+def _skipped(path: str | Path, why: str) -> None:
+    print(f"{Path(path).name}: {why}; the plot is skipped", file=sys.stderr, flush=True)
 
 
 def _save(fig, path: str | Path) -> Path:
@@ -188,7 +217,10 @@ def report(run_dir: str | Path, predictions: str | Path | None = None) -> list[P
         q, y, ylabel = reliability_data(pq.read_table(pred_path))
         out.append(plot_reliability({"model": (q, y)}, run / "reliability.png", ylabel=ylabel,
                                     title=f"{run.name}: {pred_path}"))
-    return out
+    else:
+        print(f"no eval predictions in {run / 'eval'}: run `forecast-grpo eval --model {run}/checkpoints/STEP "
+              "--data FILE` for the reliability diagram")
+    return [p for p in out if p is not None]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -204,9 +236,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for p in paths:
         print(f"wrote {p}")
-    if len(paths) == 1:
-        print(f"no eval predictions in {args.run_dir}/eval: run `forecast-grpo eval --model "
-              f"{args.run_dir}/checkpoints/STEP --data FILE` for the reliability diagram")
     return 0
 
 

@@ -27,6 +27,7 @@ import argparse
 import json
 import math
 import posixpath
+import re
 import signal
 import socket
 import sys
@@ -39,10 +40,12 @@ import numpy as np
 
 from cluster import weight_sync
 from cluster.config import ConfigError, JobConfig, dump_config, load_config
-from learner.storage import RunStorage
+from learner.storage import RunStorage, parquet_bytes
+from model.warmstart import WarmstartError
 from rollout import evaluate, synthetic
+from rollout.chat_format import ChatFormat, ChatFormatError, constrained_patterns
 from rollout.scoring import reference_levels
-from rollout.task import Instance, QuestionSampler
+from rollout.task import Instance, QuestionSampler, load_pool, real_split
 
 
 class StopRequest:
@@ -133,7 +136,8 @@ def open_run(cfg: JobConfig, resume: str | None) -> tuple[RunStorage, str | None
 
 class MetricsLog:
     """metrics.jsonl: a line per step, appended on a filesystem; an object store cannot append, so there the file
-    is rewritten whole at every flush (each checkpoint, every 50 steps, the end)."""
+    is rewritten whole at every flush (each checkpoint, every 50 steps, the end). Evaluations ride on the step lines
+    (`evals`), so the file keeps one line per step."""
 
     FLUSH_EVERY = 50
 
@@ -145,9 +149,12 @@ class MetricsLog:
         self.storage.write_text("metrics.jsonl", "".join(ln + "\n" for ln in self.lines))
         self._file = open(storage.local_path() / "metrics.jsonl", "a") if storage.local else None
         self._unflushed = 0
+        self._evals: list[dict] = []  # taken before any step line was written: they go on the first
 
     def write(self, m: dict) -> None:
-        line = json.dumps({k: _jsonable(v) for k, v in m.items()})
+        if self._evals:
+            m, self._evals = {**m, "evals": self._evals}, []
+        line = json.dumps(evaluate.jsonable(m))
         self.lines.append(line)
         if self._file:
             self._file.write(line + "\n")
@@ -161,6 +168,19 @@ class MetricsLog:
         if not self._file:
             self.storage.write_text("metrics.jsonl", "".join(ln + "\n" for ln in self.lines))
             self._unflushed = 0
+
+    def add_evals(self, records: list[dict]) -> None:
+        """Evaluation records go on the last step's line (its `evals` list, the file rewritten whole), or before the
+        first step on the first line written."""
+        if not self.lines:
+            self._evals += records
+            return
+        last = json.loads(self.lines[-1])
+        self.lines[-1] = json.dumps(evaluate.jsonable({**last, "evals": last.get("evals", []) + records}))
+        self.storage.write_text("metrics.jsonl", "".join(ln + "\n" for ln in self.lines))
+        if self._file:  # the rewrite replaced the file: append to the new one
+            self._file.close()
+            self._file = open(self.storage.local_path() / "metrics.jsonl", "a")
 
     def rows(self) -> list[dict]:
         return [json.loads(ln) for ln in self.lines]
@@ -242,13 +262,17 @@ class Driver:
                     self.dropped["worker_died"] = self.dropped.get("worker_died", 0) + lost
                     print(f"rollout worker {c.worker} died during step {step}: {lost} trajectories lost, "
                           "generating them again", file=sys.stderr, flush=True)
-                    self.replace_worker(c.worker)
+                    self.replace_worker(c.worker, step)
                     c = self._submit(c.worker, c.instances, step)
             out.append(c)
         return out
 
-    def replace_worker(self, i: int) -> None:
-        """A restarted worker starts from the base model: give it the current weights (and the tool service)."""
+    def replace_worker(self, i: int, step: int) -> None:
+        """A restarted worker starts from the base model: give it the learner's weights (and the tool service).
+
+        The learner has trained `step` steps by now (a batch is collected before its step trains), so its weights are
+        version `step`, ahead of the last broadcast's under `sync.every` > 1: the worker is told that version, and
+        its batch's staleness is counted from what it holds. Over the collective transport every worker takes them."""
         from cluster import actors
 
         to, t0 = self.cfg.timeouts, time.perf_counter()
@@ -262,9 +286,11 @@ class Driver:
             targets = self.workers
         else:
             targets = [self.workers[i]]
-        actors.wait(self.sync.broadcast(self.learners, targets, self.version), to.sync_s, "broadcast weights")
+        actors.wait(self.sync.broadcast(self.learners, targets, step), to.sync_s, "broadcast weights")
+        if len(targets) == len(self.workers):  # every worker holds them now: the driver's version is theirs
+            self.version = step
         self.replacement_s = time.perf_counter() - t0
-        print(f"rollout worker {i} is back with policy version {self.version} after {self.replacement_s:.1f}s",
+        print(f"rollout worker {i} is back with policy version {step} after {self.replacement_s:.1f}s",
               file=sys.stderr, flush=True)
 
     def wait_broadcast(self, syncing: list) -> None:
@@ -298,31 +324,72 @@ class Driver:
 
     # ------------------------------------------------------------------ evaluation
 
-    def evaluate(self, questions, tools: bool = True, keep: str | None = None) -> dict:
-        """Sampled forecasts from every worker's copy of the policy (questions split among them), with the task's
-        tools or without; `keep` names the set for the final reliability diagram."""
+    def evaluate(self, name: str, questions: list, tools: bool, final: bool = False) -> dict:
+        """The eval set `name` scored on sampled forecasts from every worker's copy of the policy, with the task's
+        tools or without. The questions go out `run.eval_batch_questions` at a time, one batch in flight per worker
+        (a worker that returns one is sent the next), each awaited for at most `timeouts.generate_s`: an evaluation
+        takes as long as its work needs, and its progress shows. The final one also writes the set's predictions
+        (`eval_predictions_<set>.parquet`) and keeps the forecasts for the reliability diagram."""
+        import ray
+
         from cluster import actors
 
-        cfg = self.cfg
-        chunks = [c for c in np.array_split(np.arange(len(questions)), len(self.workers)) if len(c)]
-        refs = [(f"rollout worker {i}", self.workers[i].forecasts.remote([questions[j] for j in c],
-                                                                         cfg.run.eval_samples, tools))
-                for i, c in enumerate(chunks)]
-        out = np.concatenate(actors.wait(refs, cfg.timeouts.generate_s, "evaluate"))
-        if keep:
-            self.final_forecasts[keep] = (evaluate.point_forecasts(out)[0], evaluate.truth(questions))
-        return evaluate.summarize(questions, out, cfg.task.reward, cfg.task.clip_eps, cfg.task.format_penalty)
+        cfg, size, n = self.cfg, self.cfg.run.eval_batch_questions, self.cfg.run.eval_samples
+        todo = list(range(0, len(questions), size))[::-1]  # each batch's first question, taken from the end
+        parts, running = {}, {}  # first question -> its Samples; ref -> (worker, first question, deadline)
+        progress = evaluate.Progress(name, len(questions), n, cfg.run.progress)
 
-    def _eval_sets(self) -> dict:
-        """name -> (questions, with tools): the training and held-out parameters of the synthetic families (a fixed
-        subset of `run.eval_max_questions` each), and with tools the same sets evaluated without them too."""
+        def send(w: int) -> None:
+            if todo:
+                i = todo.pop()
+                ref = self.workers[w].forecasts.remote(questions[i:i + size], n, tools)
+                running[ref] = (w, i, time.monotonic() + cfg.timeouts.generate_s)
+
+        for w in range(len(self.workers)):
+            send(w)
+        while running:
+            w, i, deadline = min(running.values(), key=lambda r: r[2])
+            done, _ = ray.wait(list(running), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not done:
+                raise actors.RoleError(f"timed out after {cfg.timeouts.generate_s:.0f}s (timeouts.generate_s) waiting "
+                                       f"for rollout worker {w} to evaluate questions {i + 1}-"
+                                       f"{min(i + size, len(questions))} of the {name!r} set")
+            w, i, _ = running.pop(done[0])
+            parts[i] = actors.wait([(f"rollout worker {w}", done[0])], cfg.timeouts.generate_s, "evaluate")[0]
+            progress.update(parts[i])
+            send(w)
+        questions, samples, skipped = evaluate.Samples.concat([parts[i] for i in sorted(parts)]).split(questions)
+        progress.close(skipped, cfg.rollout.max_model_len)
+        if final:
+            file = "eval_predictions_" + re.sub(r"\W+", "_", name).strip("_")  # "train (no tools)": train_no_tools
+            self.storage.write_bytes(f"{file}.parquet", parquet_bytes(evaluate.predictions_table(questions, samples)))
+            if tools:  # the diagram shows the sets evaluated as the policy was trained: with the task's tools
+                self.final_forecasts[name] = (evaluate.point_forecasts(samples.forecasts)[0],
+                                              evaluate.truth(questions))
+        if cfg.task.source == "parquet":  # real questions: scored as a forecaster, beside the baselines
+            return evaluate.heldout_summary(questions, samples, self.constant, cfg.task.reward, cfg.task.clip_eps,
+                                            skipped, seed=cfg.run.seed)
+        return evaluate.summarize(questions, samples.forecasts, cfg.task.reward, cfg.task.clip_eps,
+                                  cfg.task.format_penalty, skipped, samples.ends)
+
+    def _eval_sets(self, train: int) -> dict:
+        """name -> (questions, with tools): for synthetic families their training and held-out parameters, for real
+        questions the held-out set (`task.eval_data`, or the later side of `task.train_before`); a fixed subset of
+        `run.eval_max_questions` of each; with tools the same sets evaluated without them too."""
         cfg = self.cfg
-        if cfg.task.source != "synthetic":
-            return {}
-        sets = {}
-        for split in ("train", "heldout"):
-            qs = synthetic.questions(cfg.task.families, split)
-            cap = cfg.run.eval_max_questions
+        if cfg.task.source == "synthetic":
+            found = {split: synthetic.questions(cfg.task.families, split) for split in ("train", "heldout")}
+        else:
+            parts = real_split(cfg.task)
+            found = {"heldout": load_pool(cfg.task, "heldout")}
+            print(f"real questions with what task.reward={cfg.task.reward!r} scores against: {train} to train on "
+                  f"(of {len(parts.train)}), {len(found['heldout'])} held out (of {len(parts.eval)})"
+                  + "".join(f"\n  {n:6d}  {r}" for r, n in parts.removed.most_common()), flush=True)
+            if not found["heldout"]:
+                print("no held-out evaluation: set task.eval_data, or task.train_before to hold out the later "
+                      "questions of task.data", flush=True)
+        sets, cap = {}, cfg.run.eval_max_questions
+        for split, qs in found.items():
             if cap and len(qs) > cap:
                 qs = [qs[i] for i in sorted(np.random.default_rng([cfg.run.seed, 7]).choice(len(qs), cap, False))]
             if qs:
@@ -330,6 +397,11 @@ class Driver:
         if cfg.task.tools:
             sets.update({f"{name} (no tools)": (qs, False) for name, (qs, _) in list(sets.items())})
         return sets
+
+    def _eval_records(self, evals: dict, steps: int) -> list[dict]:
+        """What metrics.jsonl keeps of evaluations: each set's numbers (not its nested tables), and when."""
+        return [{"set": name, "steps": steps, "policy_version": self.version,
+                 **{k: v for k, v in e.items() if not isinstance(v, (dict, list))}} for name, e in evals.items()]
 
     # ------------------------------------------------------------------ the loop
 
@@ -343,7 +415,8 @@ class Driver:
         sampler = QuestionSampler(cfg.task, cfg.run.seed)
         known = [q.p_true if q.p_true is not None else q.market_prob for q in sampler.pool]
         levels = reference_levels(known, cfg.task.reward, cfg.task.clip_eps) if None not in known else None
-        eval_sets = self._eval_sets()
+        self.constant = evaluate.best_constant(sampler.pool)[0]  # the held-out evaluation's baseline to beat
+        eval_sets = self._eval_sets(len(sampler.pool))
         exported = TrainingMetrics(cfg.run.name)
         first, pending = 0, None
         state = {"tool_totals": {"tool_calls": 0, "tool_errors": 0, "leak_violations": 0}, "reward_first": None}
@@ -353,10 +426,13 @@ class Driver:
             print(f"resumed from {self.storage.path(resume_from)}: step {first}, policy version {self.version}",
                   flush=True)
         summary: dict = {"run_dir": self.storage.uri, "reference_levels": levels.as_dict() if levels else None}
-        summary["eval_before"] = state.get("eval_before") or {name: self.evaluate(qs, tools)
-                                                               for name, (qs, tools) in eval_sets.items()}
+        resumed_evals = state.get("eval_before")  # a resumed run has them in its checkpoint and metrics.jsonl
+        summary["eval_before"] = resumed_evals or {name: self.evaluate(name, qs, tools)
+                                                   for name, (qs, tools) in eval_sets.items()}
         state["eval_before"] = summary["eval_before"]
         log = MetricsLog(self.storage, first)
+        if not resumed_evals:
+            log.add_evals(self._eval_records(summary["eval_before"], first))
         done, syncing, last_reward = first, [], None
         t_train = time.perf_counter()
         bar = tqdm(total=cfg.run.steps, initial=first, disable=not cfg.run.progress, file=sys.stderr,
@@ -370,6 +446,9 @@ class Driver:
             pending = self.launch(sampler, step + 1) if cfg.sync.overlap and step + 1 < cfg.run.steps else None
             m = actors.wait([(f"learner rank {r}", lr.train_step.remote(*batches))
                              for r, lr in enumerate(self.learners)], to.train_s + to.generate_s, "train")[0]
+            # an empty batch (every trajectory dropped: the learner skipped the step) has no sequence to say which
+            # weights sampled it: the driver's current ones
+            version = m.pop("sampler_policy_version", self.version)
             sync_s = 0.0
             if (step + 1) % cfg.sync.every == 0:
                 t = time.perf_counter()
@@ -382,7 +461,7 @@ class Driver:
                 if not cfg.sync.overlap:
                     self.wait_broadcast(syncing)
                 sync_s = time.perf_counter() - t
-            m.update(step=step, policy_version=m.pop("sampler_policy_version"), sync_s=sync_s,
+            m.update(step=step, policy_version=version, sync_s=sync_s,
                      wall_s=time.perf_counter() - self.t0, step_s=time.perf_counter() - t_step)
             m.update({f"dropped_{k}": v for k, v in self.dropped.items()})
             self.dropped = {}
@@ -390,9 +469,12 @@ class Driver:
                 m["skill"] = levels.skill(m["expected_reward"])
             log.write(m)
             exported.record(m, step - m["policy_version"])
-            state["reward_first"] = m["reward_mean"] if state["reward_first"] is None else state["reward_first"]
-            last_reward = m["reward_mean"]
+            if m["sequences"]:
+                state["reward_first"] = m["reward_mean"] if state["reward_first"] is None else state["reward_first"]
+                last_reward = m["reward_mean"]
             done = step + 1
+            bar.total, desc = _bar_bound(cfg, first, done, time.perf_counter() - t_train)
+            bar.set_description_str(desc, refresh=False)
             bar.update(1)
             bar.write(_step_line(m, bool(cfg.task.tools)))
             for k in state["tool_totals"]:
@@ -401,9 +483,9 @@ class Driver:
                 self.wait_broadcast(syncing)
                 self.save(done, state, pending, log)
             if cfg.run.eval_every and done % cfg.run.eval_every == 0 and done < cfg.run.steps:
-                evals = {name: self.evaluate(qs, tools) for name, (qs, tools) in eval_sets.items()}
-                bar.write("  eval " + "  ".join(f"{k}: skill {v['skill']:+.3f} reward {v['reward']:.4f}"
-                                                for k, v in evals.items()))
+                evals = {name: self.evaluate(name, qs, tools) for name, (qs, tools) in eval_sets.items()}
+                log.add_evals(self._eval_records(evals, done))
+                bar.write("  eval " + "  ".join(_eval_line(k, v) for k, v in evals.items()))
             if self.stop.requested:
                 bar.write(f"stopping after step {step} on request")
                 break
@@ -418,15 +500,16 @@ class Driver:
             self.version = done
             actors.wait(self.sync.broadcast(self.learners, self.workers, done), to.sync_s, "broadcast weights")
         if not self.stop.requested:
-            summary["eval_after"] = {name: self.evaluate(qs, tools, keep=name if tools else None)
+            summary["eval_after"] = {name: self.evaluate(name, qs, tools, final=True)
                                      for name, (qs, tools) in eval_sets.items()}
+            log.add_evals(self._eval_records(summary["eval_after"], done))
         summary.update(steps=done, stopped_early=self.stop.requested, wall_s=time.perf_counter() - self.t0,
                        reward_first=state["reward_first"], reward_last=last_reward, resumed_from=resume_from)
         if cfg.task.tools:
             summary["tools"] = state["tool_totals"]
         log.flush()
-        self.storage.write_text("summary.json", json.dumps(summary, indent=1, default=_jsonable))
-        self.plot(summary, log.rows())
+        self.storage.write_text("summary.json", json.dumps(evaluate.jsonable(summary), indent=1))
+        summary["plots"] = self.plot(summary, log.rows())
         return summary
 
     # ------------------------------------------------------------------ checkpoints
@@ -446,7 +529,7 @@ class Driver:
             files.update(written)
         trainer = {**state, "step": step, "policy_version": self.version, "pending": bool(batches),
                    "learner_world_size": self.cfg.learner.world_size}
-        text = json.dumps(trainer, indent=1, default=_jsonable)
+        text = json.dumps(evaluate.jsonable(trainer), indent=1)
         self.storage.write_text(f"{rel}/trainer_state.json", text)
         files["trainer_state.json"] = len(text.encode())
         log.flush()
@@ -469,46 +552,99 @@ class Driver:
         if set(steps) != {state["step"]}:
             raise ConfigError(f"{self.storage.path(rel)}: the learner ranks' states are of steps {steps}, the "
                               f"driver's of step {state['step']}: not one checkpoint")
-        self.version = state["policy_version"]
+        # the learner's weights go to every worker: those of its step, ahead of the last broadcast's (the saved
+        # policy_version) when the checkpoint fell between two broadcasts of `sync.every` > 1
+        self.version = state["step"]
         actors.wait(self.sync.broadcast(self.learners, self.workers, self.version), to.sync_s, "broadcast weights")
         self.last_checkpoint = rel
         pending = [Chunk(-1, [], self.learners[0].read_pending.remote(rel), None)] if state["pending"] else None
         return state, pending
 
-    def plot(self, summary: dict, metrics: list[dict]) -> None:
+    def plot(self, summary: dict, metrics: list[dict]) -> list[str]:
+        """Draws the run's plots into its folder; returns the ones drawn (one with nothing to draw says so)."""
         from cluster import report
 
         name = Path(self.storage.root).name
         with tempfile.TemporaryDirectory() as tmp:
-            if metrics:
-                report.plot_learning_curve(metrics, summary["reference_levels"], Path(tmp) / "learning_curve.png",
-                                           self.cfg.task.reward, name)
+            report.plot_learning_curve(metrics, summary["reference_levels"], Path(tmp) / "learning_curve.png",
+                                       self.cfg.task.reward, name)
             if self.final_forecasts:
-                report.plot_reliability(self.final_forecasts, Path(tmp) / "reliability.png",
-                                        ylabel="true probability p*", title=f"{name}: mean forecast per question "
-                                        "after training")
-            self.storage.upload(tmp, "")
+                truth = "market probability" if self.cfg.task.source == "parquet" else "true probability p*"
+                report.plot_reliability(self.final_forecasts, Path(tmp) / "reliability.png", ylabel=truth,
+                                        title=f"{name}: mean forecast per question after training")
+            return sorted(self.storage.upload(tmp, ""))
 
 
-def _jsonable(v):
-    if isinstance(v, (np.floating, np.integer)):
-        v = v.item()
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
+def _finite(v) -> bool:
+    """A metric that is there: not NaN (nothing parseable to compute it from) nor null (NaN read back from JSON)."""
+    return v is not None and math.isfinite(v)
+
+
+def _num(v, spec: str) -> str:
+    return format(v, spec) if _finite(v) else "n/a"
+
+
+def _eval_line(name: str, e: dict) -> str:
+    """One set's evaluation during training: skill and reward; on real questions also the CE to the market beside
+    the best constant and the floor, and the difference from the best constant with its interval."""
+    line = f"{name}: skill {_num(e['skill'], '+.3f')} reward {_num(e['reward'], '.4f')}"
+    if "vs" in e:
+        line += (f" CE {_num(e['ce'], '.4f')} (best constant {_num(e['ce_constant'], '.4f')}, market floor "
+                 f"{_num(e['ce_floor'], '.4f')}; minus best constant "
+                 f"{evaluate.interval_text(e['vs']['best constant']['ce'])})")
+    return line
+
+
+def heldout_lines(before: dict, after: dict) -> list[str]:
+    """A held-out evaluation on real questions: CE to the market and Brier before and after, beside the baselines,
+    and the model's differences from each baseline after training, with their 95% bootstrap intervals."""
+    base = after["baselines"]
+    lost = sum(after["dropped_samples"].values())
+    lines = [f"    n: {after['questions']} questions, {after['market_questions']} with a market, "
+             f"{after['resolved_questions']} resolved; {after['samples']} samples answered"
+             + (f" ({lost} cut by their deadline or failed: not scored)" if lost else ""),
+             f"    skill {_num(before['skill'], '+.3f')} -> {_num(after['skill'], '+.3f')}   CE to market "
+             f"{_num(before['ce'], '.4f')} -> {_num(after['ce'], '.4f')}   always 0.5 "
+             f"{_num(after['ce_half'], '.4f')}   best constant ({after['constant']:.3f}, the training questions' mean "
+             f"market) {_num(after['ce_constant'], '.4f')}   market (the floor) {_num(after['ce_floor'], '.4f')}",
+             f"    Brier {_num(before['brier'], '.4f')} -> {_num(after['brier'], '.4f')}   always 0.5 "
+             f"{_num(base['always 0.5']['brier'], '.4f')}   best constant {_num(base['best constant']['brier'], '.4f')}"
+             f"   market {_num(base['market']['brier'], '.4f')}   log score {_num(after['log_score'], '.4f')}   ECE "
+             f"{_num(after['ece'], '.4f')}   sharpness {_num(after['sharpness'], '.3f')}"]
+    lines += [f"    after, minus {name + ':':14s} CE {evaluate.interval_text(d['ce'])} (n {d['ce']['n']})   Brier "
+              f"{evaluate.interval_text(d['brier'])} (n {d['brier']['n']})" for name, d in after["vs"].items()]
+    lines.append("    (ours minus the baseline: below 0, ours is better; [95% bootstrap interval over questions])")
+    return lines
+
+
+def _bar_bound(cfg: JobConfig, first: int, done: int, elapsed_s: float) -> tuple[int, str]:
+    """The progress bar's total and label: the bound that will end the run. run.steps, or, when run.max_minutes ends
+    it first at the pace so far, the steps that fit in the minutes left, so that the bar's share and time left are
+    those of the minutes (a bar toward 100,000 steps in an 8-minute run read "0%, 24 hours left")."""
+    if cfg.run.max_minutes and done > first:
+        left_s = 60 * cfg.run.max_minutes - elapsed_s
+        fit = done + max(0, math.ceil(left_s / (elapsed_s / (done - first))))
+        if fit < cfg.run.steps:
+            return fit, f"steps (about {fit} fit in run.max_minutes={cfg.run.max_minutes:g})"
+    return cfg.run.steps, "steps"
 
 
 def _step_line(m: dict, tools: bool = False) -> str:
+    dropped = " ".join(f"{k} {v}" for k, v in m.items() if k.startswith("dropped_") and v)
+    if not m["sequences"]:
+        return (f"step {m['step']:4d} v{m['policy_version']:<4d} skipped: every trajectory was dropped ({dropped}), "
+                "nothing to train on")
     skill = f" skill {m['skill']:+.3f}" if "skill" in m else ""
     line = (f"step {m['step']:4d} v{m['policy_version']:<4d} reward {m['reward_mean']:+.4f} ce {m['ce_mean']:.4f}"
             f"{skill} fmt_fail {m['format_fail_rate']:.2f} zero_var {m['zero_var_groups']}/{m['groups']} "
             f"clip {m['clip_frac']:.3f} gnorm {m['grad_norm']:.3f} gen {m['gen_s']:.2f}s train {m['train_s']:.2f}s "
             f"sync {m['sync_s']:.3f}s")
     if tools:
+        # shared: answered with an earlier call's answer in the batch; cache: the service's hit rate on the rest
         hits = f" cache {m['cache_hit_rate']:.2f}" if "cache_hit_rate" in m else ""
-        line += (f" | turns {m['turns_mean']:.2f} calls {m['tool_calls']} errors {m['tool_errors']}{hits} "
-                 f"leaks {m['leak_violations']}")
-    return line
+        line += (f" | turns {m['turns_mean']:.2f} calls {m['tool_calls']} ({m['tool_shared_answers']} shared) "
+                 f"errors {m['tool_errors']}{hits} leaks {m['leak_violations']}")
+    return line + (f" | {dropped}" if dropped else "")
 
 
 def print_summary(s: dict) -> None:
@@ -522,13 +658,19 @@ def print_summary(s: dict) -> None:
     width = max([8, *map(len, s.get("eval_before", {}))])
     for name, before in s.get("eval_before", {}).items():
         after = s.get("eval_after", {}).get(name)
-        line = f"{name:{width}s} skill {before['skill']:+.3f}"
+        line = f"{name:{width}s} skill {_num(before['skill'], '+.3f')}"
         if after:
-            shrink = 1 - after["ce_minus_floor"] / before["ce_minus_floor"]
-            line += f" -> {after['skill']:+.3f}   reward {before['reward']:.4f} -> {after['reward']:.4f}   " \
-                    f"CE-floor {before['ce_minus_floor']:.4f} -> {after['ce_minus_floor']:.4f} " \
-                    f"({100 * shrink:.0f}% of it closed)   format failures {100 * after['format_fail_rate']:.1f}%"
+            b, a = before["ce_minus_floor"], after["ce_minus_floor"]  # no CE where nothing parsed
+            closed = f" ({100 * (1 - a / b):.0f}% of it closed)" if _finite(a) and _finite(b) and b > 0 else ""
+            line += f" -> {_num(after['skill'], '+.3f')}   reward {_num(before['reward'], '.4f')} -> " \
+                    f"{_num(after['reward'], '.4f')}   CE-floor {_num(b, '.4f')} -> {_num(a, '.4f')}{closed}   " \
+                    f"format failures {_num(after['format_fail_rate'], '.1%')}"
+        skipped = (after or before).get("skipped_too_long")
+        if skipped:
+            line += f"   ({skipped} questions skipped: prompt too long)"
         print(line)
+        if after and "vs" in after:
+            print("\n".join(heldout_lines(before, after)))
         by_truth = (after or {}).get("mean_forecast_by_truth", {})
         if name == "train" and 0 < len(by_truth) <= 12:
             print("         mean forecast by true probability: " + ", ".join(
@@ -537,13 +679,43 @@ def print_summary(s: dict) -> None:
         t = s["tools"]
         print(f"tools during training: {t['tool_calls']} calls, {t['tool_errors']} answered with an error, "
               f"{t['leak_violations']} leak violations (content after the as-of date: withheld, must be 0)")
-    print("skill: share of the gap from the best constant answer to the entropy floor closed (0 = constant, 1 = p*)")
+    print("skill: share of the gap from the best constant answer to the entropy floor closed (0 = constant, 1 = p*, "
+          "on real questions the market)")
     print(f"checkpoint: {s.get('checkpoint')}")
     root = s["run_dir"]
-    plots = [posixpath.join(root, p) if "://" in root else str(Path(root) / p)
-             for p in ("learning_curve.png", "reliability.png")]
-    print(f"plots: {', '.join(plots)}")
+    plots = [posixpath.join(root, p) if "://" in root else str(Path(root) / p) for p in s.get("plots", [])]
+    print(f"plots: {', '.join(plots) or 'none (nothing to draw)'}")
     print(f"run folder: {root}")
+
+
+def build_missing(cfg: JobConfig) -> None:
+    """What a recipe can build for itself, built where its config says when nothing is there, before anything starts:
+    the tiny model with `model.build_tiny` (`model/tiny.py`), for a task of the tool world its wiki snapshot and
+    news corpus (`rollout/tool_world.py`: deterministic, about a second), and the format warm start of a job with a
+    `warmstart:` section (`model/warmstart.py`: minutes, once). This is what lets `ray job submit
+    --working-dir .` run the demo: `models/` is git-ignored, so Ray never uploads it.
+
+    A relative path is one in the job's working directory, a copy of its own on every node: the driver builds there
+    on its node only. On a cluster of several nodes, give `model.path` (or a hub id), `tools.wiki.snapshot`,
+    `tools.wiki.cache`, `tools.wiki.tokenizer` and `tools.news.corpus` as absolute paths on a filesystem every node
+    mounts, and `run.out_dir` there or in a bucket."""
+    if cfg.model.build_tiny and not Path(cfg.model.path).exists():  # what is there is kept, whatever it is
+        from model import tiny
+
+        print(f"building the tiny model at {cfg.model.path} (model.build_tiny)", flush=True)
+        tiny.build(cfg.model.path)
+    if cfg.task.source == "synthetic" and "tool_world" in cfg.task.families:
+        from rollout import tool_world
+
+        for path, write in ((cfg.tools.wiki.snapshot, tool_world.write_snapshot),
+                            (cfg.tools.news.corpus, tool_world.write_news)):
+            if path and not Path(path).exists():
+                print(f"writing the tool world's {Path(path).name} to {path}", flush=True)
+                write(path)
+    if cfg.warmstart.base:  # the format warm start (`warmstart:`, model/warmstart.py): made once, nothing to do after
+        from model import warmstart
+
+        warmstart.ensure(cfg)
 
 
 def check_model_path(path: str) -> None:
@@ -554,7 +726,8 @@ def check_model_path(path: str) -> None:
     local = path.startswith((".", "/", "~")) or p.parent.exists() and p.parent != Path("")
     if local or len(path.split("/")) != 2:
         raise ConfigError(f"model.path {path!r} does not exist (build the tiny model with "
-                          f"`forecast-grpo tiny-model {path}`, or give a hub id such as Qwen/Qwen2.5-1.5B-Instruct)")
+                          f"`forecast-grpo tiny-model {path}` or model.build_tiny=true, or give a hub id such as "
+                          "Qwen/Qwen2.5-1.5B-Instruct)")
 
 
 def resolve_config(config: str | None, sets: list[str], resume: str | None) -> JobConfig:
@@ -578,7 +751,11 @@ def resolve_config(config: str | None, sets: list[str], resume: str | None) -> J
 def train(cfg: JobConfig, resume: str | None = None) -> dict:
     from cluster.actors import RoleError
 
+    build_missing(cfg)
     check_model_path(cfg.model.path)
+    # the model's chat format against the task (tools, constrained turns): refused here in seconds, naming the reason,
+    # not in every rollout worker after an engine has loaded
+    constrained_patterns(ChatFormat.for_model(cfg.model, list(cfg.task.tools)), cfg.task)
     storage, resume_from = open_run(cfg, resume)
     ray = init_ray(cfg)
     stop = StopRequest()
@@ -611,7 +788,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = resolve_config(args.config, args.set, args.resume)
         summary = train(cfg, args.resume)
-    except ConfigError as e:
+    except (ConfigError, WarmstartError, ChatFormatError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except RoleError as e:

@@ -26,13 +26,15 @@ import torch.distributed as dist
 
 from learner import forward, grpo
 from learner.config import LearnerJob
-from learner.storage import RunStorage
+from learner.storage import RunStorage, parquet_bytes
 from rollout import weights
-from rollout.scoring import expected_reward, log_score
-from rollout.trajectory import TrajectoryBatch
+from rollout.trajectory import TrajectoryBatch, rollout_stats
 
 
 def free_port() -> int:
+    """A port free now (the OS's pick, released at once): for a rendezvous that must be told its port before anyone
+    binds it (torch.distributed's MASTER_PORT, the weights' TCPStore). The one definition: the driver and the tests
+    take theirs from here too."""
     with socket.socket() as s:
         s.bind(("", 0))
         return s.getsockname()[1]
@@ -173,7 +175,9 @@ class Learner:
 
     def train_step(self, *batches: TrajectoryBatch) -> dict:
         """One learner step on the trajectories of one rollout step (one batch per rollout worker, passed as
-        separate arguments so Ray resolves them in this process). Returns step metrics, same on every rank."""
+        separate arguments so Ray resolves them in this process). Returns step metrics, same on every rank. An empty
+        batch (every trajectory dropped before training: a prompt too long, a failed conversation) makes no update,
+        and the step still counts, so the steps stay the driver's."""
         t0 = time.perf_counter()
         cfg, g = self.cfg, self.cfg.grpo
         batch = TrajectoryBatch.concat(list(batches))
@@ -225,9 +229,11 @@ class Learner:
             "max_staleness_seen": int(staleness.max()) if len(staleness) else 0,
             "train_s": time.perf_counter() - t0,
         }
-        metrics.update(rollout_stats(batch, zero_var.numpy(), cfg))
+        metrics.update(rollout_stats(batch, cfg.task))
+        if batch.num_sequences:
+            metrics["zero_var_groups"] = int(len(np.unique(batch.group_ids[zero_var.numpy()])))
         every = cfg.trajectories_every
-        if self.rank == 0 and self.storage and every and step % every == 0:
+        if self.rank == 0 and self.storage and every and step % every == 0 and batch.num_sequences:
             self._write_trajectories(batch, adv.numpy(), step)
         return metrics
 
@@ -235,7 +241,7 @@ class Learner:
         texts = [self.tokenizer.decode(batch.tokens[batch.sequence(i)][batch.prompt_lens[i]:])
                  for i in range(batch.num_sequences)]
         self.storage.write_bytes(f"trajectories/step_{step:06d}.parquet",
-                                 _parquet_bytes(batch.to_arrow(extra={"advantage": adv}, texts=texts)))
+                                 parquet_bytes(batch.to_arrow(extra={"advantage": adv}, texts=texts)))
 
     def kl_beta(self) -> float:
         g = self.cfg.grpo
@@ -366,7 +372,7 @@ class Learner:
                 self.tokenizer.save_pretrained(hf)
                 files.update(self.storage.upload(hf, rel))
                 if pending:
-                    data = _parquet_bytes(TrajectoryBatch.concat(list(pending)).to_arrow())
+                    data = parquet_bytes(TrajectoryBatch.concat(list(pending)).to_arrow())
                     self.storage.write_bytes(f"{rel}/{PENDING}", data)
                     files[PENDING] = len(data)
         return files
@@ -402,47 +408,3 @@ class Learner:
 
 DS_TAG = "state"
 PENDING = "pending_batch.parquet"
-
-
-def _parquet_bytes(table: pa.Table) -> bytes:
-    buf = pa.BufferOutputStream()
-    pq.write_table(table, buf)
-    return buf.getvalue().to_pybytes()
-
-
-def rollout_stats(batch: TrajectoryBatch, zero_var: np.ndarray, cfg: LearnerJob) -> dict:
-    """What the rollout produced this step (reward, CE to the true probability, format failures)."""
-    parsed = ~np.isnan(batch.forecasts)
-    eps = cfg.task.clip_eps
-    known = ~np.isnan(batch.p_true)
-    # CE to the best-known probability: p* for synthetic questions, the market (or the outcome) otherwise
-    p = np.where(known, batch.p_true, batch.targets).astype(np.float64)
-    ce = -log_score(p[parsed], batch.forecasts[parsed].astype(np.float64), eps)
-    groups = np.unique(batch.group_ids)
-    zero_groups = len(np.unique(batch.group_ids[zero_var]))
-    out = {
-        "reward_mean": float(batch.rewards.mean()),
-        "reward_std": float(batch.rewards.std()),
-        "ce_mean": float(ce.mean()) if len(ce) else float("nan"),
-        "format_fail_rate": float(1.0 - parsed.mean()),
-        "zero_var_groups": int(zero_groups),
-        "groups": int(len(groups)),
-        "tokens_generated": int(batch.completion_tokens),
-        "truncated_rate": float(batch.truncated.mean()),
-        "gen_s": float(batch.gen_seconds),
-        "weight_load_s": float(batch.load_seconds),
-        "sampler_policy_version": int(batch.policy_version.min()),
-        "turns_mean": float(batch.turns.mean()) if batch.num_sequences else 0.0,
-        "tool_calls": int(batch.tool_calls.sum()),
-        "tool_errors": int(batch.tool_errors.sum()),
-        "leak_violations": int(batch.leak_violations.sum()),
-    }
-    stats = batch.tool_stats
-    if stats.get("cache_lookups"):
-        out["cache_hit_rate"] = stats["cache_hits"] / stats["cache_lookups"]
-    out.update({k: v for k, v in stats.items() if k.startswith(("tool_errors_", "dropped_"))})
-    out.update({f"end_{r}": int(n) for r, n in zip(*np.unique(batch.end_reason, return_counts=True)) if r != "answer"})
-    if known.all():
-        out["expected_reward"] = float(expected_reward(batch.p_true, batch.forecasts, cfg.task.reward, eps,
-                                                       cfg.task.format_penalty).mean())
-    return out

@@ -19,7 +19,9 @@ import posixpath
 import uuid
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 MARKER = "COMPLETE"
 
@@ -143,3 +145,10 @@ class RunStorage:
             else:
                 skipped[name] = problem
         return good, skipped
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    """A table as a Parquet file's bytes, for `RunStorage.write_bytes` (written whole, on any filesystem)."""
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf)
+    return buf.getvalue().to_pybytes()

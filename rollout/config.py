@@ -8,23 +8,32 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from tools.config import ToolsConfig
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+from tools.config import Strict, ToolsConfig
 
 
-class ModelConfig(_Strict):
+class ModelConfig(Strict):
     path: str = "models/tiny"
     """A local Hugging Face folder or a hub id (`Qwen/Qwen2.5-1.5B-Instruct` on a cluster)."""
+    build_tiny: bool = False
+    """The driver builds the tiny model (`model/tiny.py`: deterministic from its seed, about 4 minutes on 2 cores) at
+    `path` before anything starts if nothing is there (what is there is used, whatever it is): how `ray job submit`
+    runs the demo (`cluster.train.build_missing`)."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Parameter dtype of the learner and of the vLLM engine. fp32 on CPU; bf16 on GPUs."""
+    chat_template: str | None = None
+    """A Jinja file that replaces the tokenizer's chat template (None: the model's own)."""
+    tool_parser: str = "auto"
+    """With tools: the vLLM tool parser that reads the model's calls (`vllm/tool_parsers/`: hermes for Qwen2.5 and
+    Qwen3, lfm2, llama3_json, ...); auto picks it from the chat template (`rollout/chat_format.py`)."""
+    tool_prompt: Literal["template", "hermes_system"] = "template"
+    """With tools: how the schemas reach the model. template: the chat template's own layout (`tools=`; a template
+    that ignores them is refused). hermes_system: a system message in Qwen2.5's `# Tools` layout, calls written as
+    `<tool_call>{json}</tool_call>` and read by the hermes parser: for a template without tools (SmolLM2's)."""
 
 
-class TaskConfig(_Strict):
+class TaskConfig(Strict):
     """What the model is asked and how its answers are scored (`rollout/task.py`)."""
 
     source: Literal["synthetic", "parquet"] = "synthetic"
@@ -35,7 +44,13 @@ class TaskConfig(_Strict):
     data: str | None = None
     """Parquet file of questions (schema: `rollout/questions.py`) when source is `parquet`."""
     train_before: str | None = None
-    """Only questions with an as-of date before this date (ISO) are trained on; later ones are for evaluation."""
+    """Only questions of `data` with an as-of date before this date (ISO) are trained on; the later ones are the
+    held-out set (unless `eval_data` names one). A question on both sides is dropped from the held-out side
+    (`rollout/splits.py`)."""
+    eval_data: list[str] = []
+    """Parquet files of held-out questions (one file or a list), evaluated before training, every `run.eval_every`
+    steps and at the end. A question that shares its id or its text with a training question is dropped from them,
+    and counted. [] with `train_before`: the later questions of `data`; [] without it: no held-out evaluation."""
     reward: Literal["market", "outcome_log", "outcome_brier"] = "market"
     """market: -CE to the market / known probability; outcome_*: log or Brier score against the 0/1 outcome."""
     outcome_noise: float = Field(0.0, ge=0.0, le=0.5)
@@ -47,6 +62,12 @@ class TaskConfig(_Strict):
     reasoning: bool = False
     """False: the completion must be exactly `<answer>p</answer>`; True: the prompt asks for reasoning first and
     the last answer tag counts (raise rollout.max_new_tokens to match)."""
+    answer: Literal["free", "constrained"] = "free"
+    """free: the model writes what it likes and an answer out of format gets the format penalty. constrained: every
+    answer turn is constrained to the format (`scoring.answer_pattern`, vLLM structured outputs), so every answer
+    parses: for a model that does not write the format yet (the other way: `forecast-grpo warmstart`). With tools a
+    turn is then a call (Hermes format) or an answer. The learner's truncated importance weights correct for the
+    constrained sampler, as for `tool_choice: required`."""
     mix: Literal["mixed", "one_family"] = "mixed"
     """Questions per step: drawn from all families, or all from one family chosen per step."""
     tools: list[Literal["wiki", "wiki_search", "news"]] = []
@@ -59,10 +80,15 @@ class TaskConfig(_Strict):
     too many calls); 0 = the error message is the only consequence."""
     tool_choice: Literal["auto", "required"] = "auto"
     """auto: the model calls a tool or answers, as it likes. required: the first turn of every conversation is a
-    tool call: decoding is constrained to the call format (`tool_calls.call_pattern`), and the model picks the tool
+    tool call: decoding is constrained to the call format (`ChatFormat.call_pattern`), and the model picks the tool
     and its arguments within it. For a model that does not call on its own yet. The sampler's logprobs are then
     those of the constrained distribution; the learner's truncated importance weights (`grpo.tis_cap`, on by
     default) correct for it."""
+
+    @field_validator("eval_data", mode="before")
+    @classmethod
+    def _one_or_more(cls, v):
+        return [v] if isinstance(v, str) else v
 
     @model_validator(mode="after")
     def _tool_choice_needs_tools(self) -> "TaskConfig":
@@ -71,7 +97,7 @@ class TaskConfig(_Strict):
         return self
 
 
-class RolloutConfig(_Strict):
+class RolloutConfig(Strict):
     num_workers: int = Field(1, ge=1)
     group_size: int = Field(8, ge=2)
     """G: completions sampled per question; advantages are relative within the group."""
@@ -106,10 +132,19 @@ class RolloutConfig(_Strict):
     """Times Ray restarts a rollout worker that died (-1: always); the driver gives it the current weights and has it
     generate its share of the step again. 0: a dead worker ends the job."""
     trajectory_timeout_s: float = Field(120.0, gt=0)
-    """With tools: wall-clock deadline of one trajectory; a straggler ends as truncated (reason: deadline)."""
+    """With tools: wall-clock deadline of one trajectory. A straggler is cut (reason: deadline) and, being no answer
+    of the model's (slow tools are no bad answer), dropped from its group and counted (`dropped_deadline`), never
+    scored."""
+    deterministic_turns: bool = False
+    """With tools: the calls of every turn that ends in an engine step are all answered before the engine's next
+    step, and the next turns go in in conversation order, so the engine sees the same requests in the same order
+    (and draws its random numbers in that order: `engine.reseed`) whatever the tools' latency. With fixed answers
+    (an offline snapshot) a run is then repeatable and a resumed run exact. It costs the engine the wait for the
+    slowest answer at each such step: nothing measurable on a cache (bench/README.md, "Multi-turn cost"), seconds
+    on a live upstream. False: a turn goes in as soon as its answers are read, while the engine decodes the others."""
 
 
-class RolloutJob(_Strict):
+class RolloutJob(Strict):
     """What a rollout worker needs to know of the job (`JobConfig.rollout_job()` builds it)."""
 
     model: ModelConfig

@@ -2,15 +2,18 @@
 
 **Token-exact.** A conversation is its prompt, then for each turn the ids the model sampled, kept as sampled
 (never decoded and re-tokenised: loss mask 1, the sampler's logprobs), then the turn's tool results rendered once
-as tokens (loss mask 0, logprob 0). Tool results are rendered by the model's own chat template after a fixed dummy
-conversation cut at its last `<|im_end|>`, and the difference is taken: the `\\n` that the template puts after an
-assistant's `<|im_end|>` (the model stops at `<|im_end|>` and never samples it) starts the tool tokens instead of
-being lost (verl #6501). A template that is not append-only for tool turns is an error, not a silent drift.
+as tokens (loss mask 0, logprob 0) by the model's own chat template (`ChatFormat.suffix_ids`): whatever the
+template puts after an assistant's end-of-turn token (Qwen's `\\n` after `<|im_end|>`, which the model never
+samples) starts the tool tokens instead of being lost (verl #6501). Calls are read by the model family's vLLM tool
+parser (`ChatFormat.parse_calls`).
 
 **Concurrent.** Each turn is a request of its own on the engine's continuous batch (`engine.TurnEngine`); the
 tool calls of every conversation run at once on one event loop (`ToolRunner`, a pooled HTTP client to the tool
 service) that turns between the engine's steps, and a conversation waiting on a tool holds nobody back: the engine
-keeps decoding the others. A call asked already in the batch shares the first one's answer.
+keeps decoding the others. A call asked already in the batch shares the first one's answer. With
+`rollout.deterministic_turns` the calls of the turns that ended in one engine step are all answered before the next
+step, and the next turns go in in conversation order: the engine's schedule, and so what it samples, no longer
+depends on the tools' latency.
 
 **Bounded.** Every conversation has a wall-clock deadline (`rollout.trajectory_timeout_s`): a straggler ends as
 truncated with the reason `deadline`. Turns, calls and tokens have budgets (`rollout.max_turns`, `max_tool_calls`,
@@ -21,18 +24,17 @@ batch and counted; it never fails the step.
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
 
 from rollout import tool_calls
+from rollout.chat_format import ChatFormat
 from rollout.config import RolloutConfig
 from rollout.engine import Sample, TurnEngine
 from rollout.task import Instance
 
-END_OF_TURN = "<|im_end|>"
 DRAIN_TURNS = 8
 
 
@@ -52,8 +54,11 @@ class Conversation:
     errors: Counter = field(default_factory=Counter)
     bad_calls: int = 0
     leaks: int = 0
+    shared_answers: int = 0
+    """Answers shared with an earlier asker of the same call in the batch: no request to the service."""
     cache_hits: int = 0
     cache_lookups: int = 0
+    """Of the calls the service answered: those it answered from its revision cache, and all that said either way."""
     final_text: str = ""
     end: str = ""
     """answer | length (a turn hit its token cap) | budget | turns | deadline | eos | failed"""
@@ -64,40 +69,6 @@ class Conversation:
     @property
     def done(self) -> bool:
         return bool(self.end)
-
-
-class ToolSuffix:
-    """Tool results as the tokens the chat template puts between two assistant turns."""
-
-    def __init__(self, tokenizer, schemas: list[dict]):
-        self.tokenizer, self.schemas = tokenizer, schemas
-        self.dummy = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
-        text = tokenizer.apply_chat_template(self.dummy, tools=schemas, tokenize=False)
-        self.prefix = text[:text.rindex(END_OF_TURN) + len(END_OF_TURN)]
-        # rendering and tokenising cost milliseconds, and a group's samples read the same pages
-        self._ids = functools.lru_cache(maxsize=4096)(self._ids)
-        self.cut = functools.lru_cache(maxsize=4096)(self.cut)
-
-    def cut(self, content: str, max_tokens: int) -> str:
-        """A result cut to `max_tokens` tokens (`rollout.max_tool_response_tokens`), marked where it was."""
-        ids = self.tokenizer(content, add_special_tokens=False)["input_ids"]
-        if len(ids) <= max_tokens:
-            return content
-        return self.tokenizer.decode(ids[:max_tokens]) + " [cut]"
-
-    def text(self, contents: list[str]) -> str:
-        full = self.tokenizer.apply_chat_template(self.dummy + [{"role": "tool", "content": c} for c in contents],
-                                                  tools=self.schemas, tokenize=False, add_generation_prompt=True)
-        if not full.startswith(self.prefix):
-            raise RuntimeError("the chat template renders earlier turns differently once a tool result follows: "
-                               "multi-turn trajectories would not be token-exact")
-        return full[len(self.prefix):]
-
-    def ids(self, contents: list[str]) -> list[int]:
-        return list(self._ids(tuple(contents)))
-
-    def _ids(self, contents: tuple[str, ...]) -> tuple[int, ...]:
-        return tuple(self.tokenizer(self.text(list(contents)), add_special_tokens=False)["input_ids"])
 
 
 class ToolRunner:
@@ -138,8 +109,8 @@ class ToolRunner:
 
         A call asked already in this batch (same tool, arguments and date: a group's samples mostly ask the same
         page) shares that call's answer instead of asking the service again, unless that answer was one that
-        might change on asking again (`tool_calls.SETTLED` says which do not). A shared answer counts as a cache
-        hit: it needed no upstream request.
+        might change on asking again (`tool_calls.SETTLED` says which do not). A shared answer is marked
+        `shared` and counted apart from the service's cache hits: it made no request to the service at all.
         """
         client, timeout, shared = self.client, self.timeout_s + 1.0, self._shared
 
@@ -159,8 +130,7 @@ class ToolRunner:
             if first is None or (first.done() and first.result().error not in tool_calls.SETTLED):
                 first = shared[key] = self.loop.create_task(ask(call))
                 return await asyncio.shield(first)  # a conversation past its deadline leaves it to the others
-            result = await asyncio.shield(first)
-            return result if result.cache_hit is None else replace(result, cache_hit=True)
+            return replace(await asyncio.shield(first), shared=True)
 
         async def all_calls():
             return await asyncio.gather(*(one(c) for c in calls))
@@ -194,15 +164,25 @@ class ToolRunner:
 class Rollout:
     """Runs a batch of conversations to their ends. One per worker; `run` may be called for every batch."""
 
-    def __init__(self, engine: TurnEngine, tokenizer, runner: ToolRunner, cfg: RolloutConfig, kinds: list[str],
-                 first_call_required: bool = False):
-        self.engine, self.tokenizer, self.runner, self.cfg, self.kinds = engine, tokenizer, runner, cfg, kinds
-        self.suffix = ToolSuffix(tokenizer, tool_calls.schemas(kinds))
-        # task.tool_choice 'required': every conversation's first turn is constrained to one tool call
-        self.first_turn_pattern = tool_calls.call_pattern(kinds) if first_call_required else None
-        self.end_of_turn = tokenizer.convert_tokens_to_ids(END_OF_TURN)
-        if self.end_of_turn is None or self.end_of_turn == tokenizer.unk_token_id:
-            raise ValueError(f"the tokenizer has no {END_OF_TURN} token: tool turns need a ChatML chat template")
+    def __init__(self, engine: TurnEngine, fmt: ChatFormat, runner: ToolRunner, cfg: RolloutConfig,
+                 call_pattern: str | None = None, answer_pattern: str | None = None, first_call_required: bool = False):
+        """Constrained decoding (vLLM structured outputs), each None where free: `answer_pattern` (`task.answer:
+        constrained`) makes every turn a call or an answer, and the last turn a conversation may take an answer;
+        `first_call_required` (`task.tool_choice: required`) makes every first turn a call."""
+        self.engine, self.fmt, self.runner, self.cfg = engine, fmt, runner, cfg
+        self.kinds = fmt.kinds
+        self.call_pattern, self.answer_pattern = call_pattern, answer_pattern
+        self.first_call_required = first_call_required
+
+    def pattern(self, c: Conversation) -> str | None:
+        """What the conversation's next turn is constrained to (None: nothing)."""
+        if c.turns == 0 and self.first_call_required:
+            return self.call_pattern
+        if self.answer_pattern is None:
+            return None
+        if c.turns + 1 >= self.cfg.max_turns or c.calls >= self.cfg.max_tool_calls:  # no call could be answered
+            return self.answer_pattern
+        return f"({self.call_pattern}|{self.answer_pattern})"
 
     def run(self, convs: list[Conversation], temperature: float) -> list[Conversation]:
         self._requests: dict[str, Conversation] = {}
@@ -234,8 +214,11 @@ class Rollout:
             waiting = [c.pending for c in live if c.pending is not None]
             if waiting:  # calls out: let their answers in; block on them only when the engine has nothing to do
                 idle = not self.engine.busy() and not followers
-                nearest = min(c.deadline for c in live if not c.done) - time.monotonic()
-                self.runner.wait(waiting, timeout=max(0.0, nearest) if idle else 0.0)
+                nearest = max(0.0, min(c.deadline for c in live if not c.done) - time.monotonic())
+                if self.cfg.deterministic_turns:  # every answer in before the engine's next step: see the option
+                    self.runner.wait(waiting, timeout=nearest, every=True)
+                else:
+                    self.runner.wait(waiting, timeout=nearest if idle else 0.0)
             for c in followers:  # their prompts are cached by now (or there was nothing to compute)
                 self._guard(c, self._start_turn, c)
             followers = []
@@ -268,7 +251,7 @@ class Rollout:
             c.end = "budget"
             return
         c.request = self.engine.submit(c.prompt + c.ids, max_tokens=room, temperature=self._temperature,
-                                       top_p=self.cfg.top_p, pattern=None if c.turns else self.first_turn_pattern)
+                                       top_p=self.cfg.top_p, pattern=self.pattern(c))
         self._requests[c.request] = c
 
     def _finish_turn(self, c: Conversation, s: Sample) -> None:
@@ -277,15 +260,15 @@ class Rollout:
         c.logprobs += s.logprobs.tolist()
         c.turns += 1
         c.messages.append({"role": "assistant", "content": s.text})
-        calls = tool_calls.parse_calls(s.text, self.kinds)
+        calls = self.fmt.parse_calls(s.raw)
         if s.truncated:
             c.end = "length"
         elif not calls:
             c.final_text, c.end = s.text, "answer"
         elif c.turns >= self.cfg.max_turns:
             c.end = "turns"
-        elif s.token_ids[-1] != self.end_of_turn:
-            c.end = "eos"  # stopped on another stop token: the template's tool turn would not follow it
+        elif s.token_ids[-1] != self.fmt.turn_end_id:
+            c.end = "eos"  # stopped without ending its turn: the template's tool turn would not follow it
         else:
             allowed = max(0, self.cfg.max_tool_calls - c.calls)
             calls = calls[:allowed] + [tool_calls.BadCall("too_many_calls", f"at most {self.cfg.max_tool_calls} "
@@ -302,11 +285,13 @@ class Rollout:
             if r.error:
                 c.errors[r.error] += 1
             c.leaks += r.leak_violation
-            if r.cache_hit is not None:
+            if r.shared:
+                c.shared_answers += 1
+            elif r.cache_hit is not None:
                 c.cache_lookups += 1
                 c.cache_hits += r.cache_hit
-            contents.append(self.suffix.cut(r.content, self.cfg.max_tool_response_tokens))
-        ids = self.suffix.ids(contents)
+            contents.append(self.fmt.cut(r.content, self.cfg.max_tool_response_tokens))
+        ids = self.fmt.suffix_ids(contents)
         if len(c.ids) + len(ids) >= min(self.cfg.max_trajectory_tokens, self.cfg.max_model_len - len(c.prompt)):
             c.end = "budget"
             return

@@ -32,19 +32,39 @@ def scorer(cfg: TaskConfig) -> Scorer:
     return Scorer(mode=cfg.reward, eps=cfg.clip_eps, penalty=cfg.format_penalty, strict=not cfg.reasoning)
 
 
-def load_pool(cfg: TaskConfig, split: str | None = None) -> list[Question]:
-    """Questions this task can ask; for Parquet data only those with what the reward needs."""
-    if cfg.source == "synthetic":
-        return synthetic.questions(cfg.families, split or cfg.split)
+def real_split(cfg: TaskConfig) -> splits.Split:
+    """A Parquet task's questions: those it trains on (`task.data`, before `task.train_before` if set) and those it
+    holds out (`task.eval_data`, else the rest of `task.data`), never one question on both sides."""
     pool = qio.read_parquet(cfg.data)
-    if cfg.train_before:
-        parts = splits.time_split(pool, dt.date.fromisoformat(cfg.train_before))
-        pool = parts.train if (split or "train") == "train" else parts.eval
-    need = "market_prob" if cfg.reward == "market" else "outcome"
-    usable = [q for q in pool if getattr(q, need) is not None]
-    if not usable:
-        raise ValueError(f"{cfg.data}: no question has {need}, which task.reward={cfg.reward!r} scores against")
-    return usable
+    parts = splits.time_split(pool, dt.date.fromisoformat(cfg.train_before)) if cfg.train_before else \
+        splits.Split(pool, [])
+    if cfg.eval_data:
+        parts = splits.held_out(parts.train, [q for path in cfg.eval_data for q in qio.read_parquet(path)],
+                                parts.removed)
+    return parts
+
+
+def load_pool(cfg: TaskConfig, split: str | None = None) -> list[Question]:
+    """Questions this task can ask: for Parquet data the training questions (split "train", the default) or the
+    held-out ones (any other split), only those with what the reward needs. With tools every question must have an
+    as-of date (the date every call runs as of): one without is refused here, named."""
+    if cfg.source == "synthetic":
+        pool, where = synthetic.questions(cfg.families, split or cfg.split), f"task.families {cfg.families}"
+    else:
+        parts = real_split(cfg)
+        train = (split or "train") == "train"
+        need = "market_prob" if cfg.reward == "market" else "outcome"
+        pool = [q for q in (parts.train if train else parts.eval) if getattr(q, need) is not None]
+        where = f"the training questions ({cfg.data})" if train else \
+            f"the held-out questions ({', '.join(cfg.eval_data) or cfg.data})"
+        if train and not pool:
+            raise ValueError(f"{cfg.data}: no training question has {need}, which task.reward={cfg.reward!r} scores "
+                             "against")
+    undated = [q.id for q in pool if q.as_of is None]
+    if cfg.tools and undated:
+        raise ValueError(f"task.tools: {len(undated)} of {where} have no as-of date, the date every tool call runs "
+                         f"as of (first: {', '.join(undated[:5])}); give them one, or train without tools")
+    return pool
 
 
 def target_of(q: Question, cfg: TaskConfig, rng: np.random.Generator) -> float:

@@ -5,6 +5,10 @@ Sequences are ragged, so token-level columns are concatenated and `offsets` says
 table for Parquet. Each sequence is prompt + completion tokens exactly as sampled (never re-tokenised). With tools,
 the completion holds every turn: the model's tokens (loss mask 1) and the tool results between them (loss mask 0,
 sampler logprob 0).
+
+A conversation that ends for a reason that says nothing of the model (`DROPPED_ENDS`) is never trained on: it is
+left out of its group, counted (`tool_stats["dropped_<reason>"]`) and named in `dropped`, which travels in the
+Parquet file's metadata (`trajectory_batch`) beside the rows.
 """
 
 from __future__ import annotations
@@ -17,6 +21,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+from rollout.config import TaskConfig
+from rollout.scoring import expected_reward, log_score
+
+DROPPED_ENDS = ("deadline", "failed")
+"""Conversation ends that are no answer of the model's: cut by its wall-clock deadline (`rollout.trajectory_timeout_s`:
+slow tools must never read as a bad answer) or failed on our side. Never trained on, never scored."""
 
 
 @dataclass
@@ -45,7 +56,9 @@ class TrajectoryBatch:
     gen_seconds: float = 0.0
     load_seconds: float = 0.0  # the weight load that preceded this batch on its worker (0: none yet)
     tool_stats: dict = field(default_factory=dict)
-    """Counts over the batch: tool_errors_<kind>, cache_hits, cache_lookups, dropped_<reason>."""
+    """Counts over the batch: tool_errors_<kind>, tool_shared_answers, cache_hits, cache_lookups, dropped_<reason>."""
+    dropped: list = field(default_factory=list)
+    """Each conversation left out of the batch: {question_id, group_id, reason (one of `DROPPED_ENDS`), detail}."""
 
     @property
     def num_sequences(self) -> int:
@@ -76,6 +89,8 @@ class TrajectoryBatch:
                 out[f.name] = max(getattr(b, f.name) for b in batches)
             elif f.name == "tool_stats":
                 out[f.name] = dict(sum((Counter(b.tool_stats) for b in batches), Counter()))
+            elif f.name == "dropped":
+                out[f.name] = [d for b in batches for d in b.dropped]
             else:
                 out[f.name] = np.concatenate([getattr(b, f.name) for b in batches])
         return TrajectoryBatch(**out)
@@ -91,7 +106,8 @@ class TrajectoryBatch:
         if texts is not None:
             cols["completion"] = pa.array(texts)
         cols.update(extra or {})
-        meta = {"gen_seconds": self.gen_seconds, "load_seconds": self.load_seconds, "tool_stats": self.tool_stats}
+        meta = {"gen_seconds": self.gen_seconds, "load_seconds": self.load_seconds, "tool_stats": self.tool_stats,
+                "dropped": self.dropped}
         return pa.table(cols).replace_schema_metadata({"trajectory_batch": json.dumps(meta)})
 
     @staticmethod
@@ -147,8 +163,8 @@ class TrajectoryBuilder:
         for k, v in self._rows.items():
             v.append(row[k])
 
-    def build(self, gen_seconds: float = 0.0, load_seconds: float = 0.0, tool_stats: dict | None = None
-              ) -> TrajectoryBatch:
+    def build(self, gen_seconds: float = 0.0, load_seconds: float = 0.0, tool_stats: dict | None = None,
+              dropped: list | None = None) -> TrajectoryBatch:
         cat = lambda parts, dt: np.concatenate(parts) if parts else np.zeros(0, dt)  # noqa: E731
         r = self._rows
         return TrajectoryBatch(
@@ -162,4 +178,48 @@ class TrajectoryBuilder:
             tool_calls=np.asarray(r["tool_calls"], np.int16), tool_errors=np.asarray(r["tool_errors"], np.int16),
             leak_violations=np.asarray(r["leak_violations"], np.int16),
             end_reason=np.asarray(r["end_reason"], dtype=str), gen_seconds=gen_seconds, load_seconds=load_seconds,
-            tool_stats=dict(tool_stats or {}))
+            tool_stats=dict(tool_stats or {}), dropped=list(dropped or []))
+
+
+def rollout_stats(batch: TrajectoryBatch, task: TaskConfig | None) -> dict:
+    """What the rollout produced in a step (reward, CE to the best-known probability, format failures, turns and tool
+    use) and what it dropped (`dropped_<reason>`). Of an empty batch (every trajectory dropped: the step trains on
+    nothing) only the counts, and `task` may be None. The learner calls it: a step's batch is whole only there (the
+    driver holds references to it), and it adds what it made of the batch (zero-variance groups, staleness)."""
+    stats = batch.tool_stats
+    out = {
+        "sequences": batch.num_sequences,
+        "tokens_generated": int(batch.completion_tokens),
+        "gen_s": float(batch.gen_seconds),
+        "weight_load_s": float(batch.load_seconds),
+        "tool_calls": int(batch.tool_calls.sum()),
+        "tool_errors": int(batch.tool_errors.sum()),
+        "tool_shared_answers": int(stats.get("tool_shared_answers", 0)),
+        "leak_violations": int(batch.leak_violations.sum()),
+    }
+    out.update({k: v for k, v in stats.items() if k.startswith(("tool_errors_", "dropped_"))})
+    if not batch.num_sequences:
+        return out
+    parsed = ~np.isnan(batch.forecasts)
+    eps = task.clip_eps
+    known = ~np.isnan(batch.p_true)
+    # CE to the best-known probability: p* for synthetic questions, the market (or the outcome) otherwise
+    p = np.where(known, batch.p_true, batch.targets).astype(np.float64)
+    ce = -log_score(p[parsed], batch.forecasts[parsed].astype(np.float64), eps)
+    out.update({
+        "reward_mean": float(batch.rewards.mean()),
+        "reward_std": float(batch.rewards.std()),
+        "ce_mean": float(ce.mean()) if len(ce) else float("nan"),
+        "format_fail_rate": float(1.0 - parsed.mean()),
+        "groups": int(len(np.unique(batch.group_ids))),
+        "truncated_rate": float(batch.truncated.mean()),
+        "sampler_policy_version": int(batch.policy_version.min()),
+        "turns_mean": float(batch.turns.mean()),
+    })
+    if stats.get("cache_lookups"):  # of the calls the service answered; shared answers asked it nothing
+        out["cache_hit_rate"] = stats["cache_hits"] / stats["cache_lookups"]
+    out.update({f"end_{r}": int(n) for r, n in zip(*np.unique(batch.end_reason, return_counts=True)) if r != "answer"})
+    if known.all():
+        out["expected_reward"] = float(expected_reward(batch.p_true, batch.forecasts, task.reward, eps,
+                                                       task.format_penalty).mean())
+    return out

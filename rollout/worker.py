@@ -14,11 +14,18 @@ from collections import Counter
 
 import numpy as np
 
-from rollout import engine, prompts, tool_calls, weights
+from rollout import engine, prompts, weights
+from rollout.chat_format import ChatFormat, constrained_patterns
 from rollout.config import RolloutJob
+from rollout.evaluate import Samples
 from rollout.questions import Question
 from rollout.task import Instance, scorer
-from rollout.trajectory import TrajectoryBatch, TrajectoryBuilder
+from rollout.trajectory import DROPPED_ENDS, TrajectoryBatch, TrajectoryBuilder
+
+MIN_ANSWER_TOKENS = 16
+"""Room a prompt must leave in rollout.max_model_len: the shortest answer, `<answer>0.37</answer>`, is 10 tokens in
+SmolLM2's and the tiny model's tokenizers; a prompt that leaves less can only be cut off, a format failure that says
+nothing of the model."""
 
 
 class RolloutWorker:
@@ -30,6 +37,11 @@ class RolloutWorker:
         self.cfg, self.index = cfg, worker_index
         path = model_path or cfg.model.path
         self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.kinds = list(cfg.task.tools)
+        # before the engine: a template that cannot do what the task asks is refused in seconds, not after a load
+        self.fmt = ChatFormat.for_model(cfg.model, self.kinds, path, self.tokenizer)
+        # constrained decoding (task.answer, task.tool_choice): the pattern a turn must match, None where it is free
+        call, self.answer_pattern = constrained_patterns(self.fmt, cfg.task)
         self.llm = engine.make_engine(path, dtype=cfg.model.dtype, max_model_len=cfg.rollout.max_model_len,
                                       seed=cfg.seed + worker_index, enforce_eager=cfg.rollout.enforce_eager,
                                       gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
@@ -39,15 +51,14 @@ class RolloutWorker:
         self.load_seconds = 0.0
         self._prompt_cache: dict[tuple[str, bool], list[int]] = {}
         self._receiver = None
-        self.kinds = list(cfg.task.tools)
-        self.schemas = tool_calls.schemas(self.kinds)
         self._rollout = None
         if self.kinds:
             from rollout.multiturn import Rollout, ToolRunner
 
             runner = ToolRunner(tool_url, cfg.tools.service.request_timeout_s)
-            self._rollout = Rollout(engine.TurnEngine(self.llm, self.tokenizer), self.tokenizer, runner,
-                                    cfg.rollout, self.kinds, first_call_required=cfg.task.tool_choice == "required")
+            self._rollout = Rollout(engine.TurnEngine(self.llm, self.tokenizer, self.fmt.end_ids), self.fmt, runner,
+                                    cfg.rollout, call_pattern=call, answer_pattern=self.answer_pattern,
+                                    first_call_required=cfg.task.tool_choice == "required")
 
     def ready(self) -> dict:
         return {"worker": self.index, "version": self.version}
@@ -61,18 +72,23 @@ class RolloutWorker:
         key = (q.id, tools)
         ids = self._prompt_cache.get(key)
         if ids is None:
-            ids = self._prompt_cache[key] = prompts.chat_prompt_ids(self.tokenizer, q, self.cfg.task.reasoning,
-                                                                    self.schemas if tools else None)
-        if len(ids) >= self.cfg.rollout.max_model_len:
-            raise ValueError(f"question {q.id}: its prompt of {len(ids)} tokens does not fit rollout.max_model_len="
-                             f"{self.cfg.rollout.max_model_len}")
+            user = prompts.user_message(q, self.cfg.task.reasoning, tools)
+            ids = self._prompt_cache[key] = self.fmt.prompt_ids(user, q.as_of, tools)
         return ids
+
+    def _fits(self, q: Question, tools: bool) -> bool:
+        """Whether q's prompt leaves room for an answer in rollout.max_model_len (`MIN_ANSWER_TOKENS`, or
+        max_new_tokens if fewer). One that does not is never sampled: skipped in evaluation, dropped in training,
+        counted in both."""
+        rc = self.cfg.rollout
+        return len(self._prompt(q, tools)) + min(MIN_ANSWER_TOKENS, rc.max_new_tokens) <= rc.max_model_len
 
     def _sample(self, questions: list[Question], n: int, temperature: float):
         rc = self.cfg.rollout
         prompt_ids = [self._prompt(q, False) for q in questions]
         out = engine.generate(self.llm, self.tokenizer, prompt_ids, n=n, temperature=temperature, top_p=rc.top_p,
-                              max_tokens=[min(rc.max_new_tokens, rc.max_model_len - len(p)) for p in prompt_ids])
+                              max_tokens=[min(rc.max_new_tokens, rc.max_model_len - len(p)) for p in prompt_ids],
+                              stop_token_ids=self.fmt.end_ids, pattern=self.answer_pattern)
         return prompt_ids, out
 
     def _converse(self, instances: list[Instance], n: int):
@@ -92,10 +108,22 @@ class RolloutWorker:
         return batch, {"worker": self.index, "sequences": batch.num_sequences, "version": self.version}
 
     def generate(self, instances: list[Instance]) -> TrajectoryBatch:
-        """G samples per instance, scored. Every sequence is stamped with the weights version that produced it."""
+        """G samples per instance, scored. Every sequence is stamped with the weights version that produced it. An
+        instance whose prompt does not fit is dropped, its G trajectories counted as `dropped_too_long` (a batch of
+        none is empty: the learner skips the step)."""
         t0 = time.perf_counter()
-        if self.kinds:
-            return self._generate_conversations(instances, t0)
+        fitting = [i for i in instances if self._fits(i.question, bool(self.kinds))]
+        if not fitting:
+            batch = TrajectoryBuilder().build(load_seconds=self.load_seconds)
+        elif self.kinds:
+            batch = self._generate_conversations(fitting, t0)
+        else:
+            batch = self._generate_completions(fitting, t0)
+        if len(fitting) < len(instances):
+            batch.tool_stats["dropped_too_long"] = (len(instances) - len(fitting)) * self.cfg.rollout.group_size
+        return batch
+
+    def _generate_completions(self, instances: list[Instance], t0: float) -> TrajectoryBatch:
         prompt_ids, out = self._sample([i.question for i in instances], self.cfg.rollout.group_size,
                                        self.cfg.rollout.temperature)
         builder = TrajectoryBuilder()
@@ -113,10 +141,13 @@ class RolloutWorker:
                     question_ids=inst.question.id)
 
     def _generate_conversations(self, instances: list[Instance], t0: float) -> TrajectoryBatch:
-        builder, stats = TrajectoryBuilder(), Counter()
+        builder, stats, dropped = TrajectoryBuilder(), Counter(), []
         for c in self._converse(instances, self.cfg.rollout.group_size):
-            if c.end == "failed":  # ours, not the model's: never trained on, counted
-                stats["dropped_failed"] += 1
+            if c.end in DROPPED_ENDS:  # the clock's or ours, not the model's: never trained on, counted and named
+                stats[f"dropped_{c.end}"] += 1
+                dropped.append({"question_id": c.instance.question.id, "group_id": c.instance.group_id,
+                                "reason": c.end, "detail": c.failure or f"cut by rollout.trajectory_timeout_s after "
+                                f"{c.turns} turns and {c.calls} tool calls"})
                 continue
             reward, q = self.scorer(c.final_text, c.instance.target) if c.end == "answer" else \
                 (self.scorer.format_penalty, None)
@@ -125,25 +156,33 @@ class RolloutWorker:
                         truncated=c.end != "answer", end_reason=c.end, turns=c.turns, tool_calls=c.calls,
                         tool_errors=sum(c.errors.values()), leak_violations=c.leaks)
             stats.update({f"tool_errors_{k}": v for k, v in c.errors.items()})
-            stats.update(cache_hits=c.cache_hits, cache_lookups=c.cache_lookups)
+            stats.update(tool_shared_answers=c.shared_answers, cache_hits=c.cache_hits, cache_lookups=c.cache_lookups)
         return builder.build(gen_seconds=time.perf_counter() - t0, load_seconds=self.load_seconds,
-                             tool_stats=stats)
+                             tool_stats=stats, dropped=dropped)
 
-    def forecasts(self, questions: list[Question], n: int, tools: bool | None = None) -> np.ndarray:
-        """[len(questions), n] parsed forecasts (NaN where unparseable): the evaluation's view of the policy.
-        tools: with the task's tools (the default when it has any) or without."""
-        res = np.full((len(questions), n), np.nan, dtype=np.float64)
-        if (self.kinds and tools is not False):
-            instances = [Instance(q, 0.5, j) for j, q in enumerate(questions)]
-            for k, c in enumerate(self._converse(instances, n)):
-                q = self.scorer(c.final_text, 0.5)[1] if c.end == "answer" else None
-                res[k // n, k % n] = np.nan if q is None else q
+    def forecasts(self, questions: list[Question], n: int, tools: bool | None = None) -> Samples:
+        """n samples per question, parsed, with what each wrote and why it ended: the evaluation's view of the
+        policy. tools: with the task's tools (the default when it has any) or without. A question whose prompt does
+        not fit is skipped (`Samples.asked`)."""
+        tools = bool(self.kinds) and tools is not False
+        asked = np.array([self._fits(q, tools) for q in questions], dtype=bool)
+        res = Samples(np.full((len(questions), n), np.nan), [[] for _ in questions], [[] for _ in questions], asked)
+        rows = np.flatnonzero(asked)
+        if not len(rows):
             return res
-        _, out = self._sample(questions, n, self.cfg.rollout.temperature)
-        for j, group in enumerate(out):
-            for k, s in enumerate(group):
-                q = self.scorer(s.text, 0.5)[1]
-                res[j, k] = np.nan if q is None else q
+        if tools:  # the text kept is the last turn's: the answer, or what the conversation ended on
+            convs = self._converse([Instance(questions[j], 0.5, int(j)) for j in rows], n)
+            got = [(c.instance.group_id, self.scorer(c.final_text, 0.5)[1] if c.end == "answer" else None,
+                    next((m["content"] for m in reversed(c.messages) if m["role"] == "assistant"), ""), c.end)
+                   for c in convs]
+        else:
+            _, out = self._sample([questions[j] for j in rows], n, self.cfg.rollout.temperature)
+            got = [(j, self.scorer(s.text, 0.5)[1], s.text, "length" if s.truncated else "answer")
+                   for j, group in zip(rows, out) for s in group]
+        for j, q, text, end in got:
+            res.forecasts[j, len(res.texts[j])] = np.nan if q is None else q
+            res.texts[j].append(text)
+            res.ends[j].append(end)
         return res
 
     # ------------------------------------------------------------------ weights in

@@ -49,6 +49,15 @@ def test_a_step_with_nothing_to_learn_makes_no_update(learner):
     assert all(np.array_equal(before[n].numpy(), after[n].detach().numpy()) for n in before)
 
 
+def test_an_empty_batch_is_a_step_without_update(learner):
+    """Every trajectory dropped before training (every prompt too long): no update, the step still counts."""
+    step = learner.steps_done
+    empty = TrajectoryBuilder().build(tool_stats={"dropped_too_long": 16})
+    m = learner.train_step(empty, empty)  # one from each of two workers
+    assert m["sequences"] == 0 and m["optimizer_steps"] == 0 and m["dropped_too_long"] == 32
+    assert learner.steps_done == step + 1
+
+
 def test_positive_advantage_raises_the_answers_logprob(learner):
     tok = learner.tokenizer
     same, _ = _batch(tok, [[-0.2, -0.2, -1.0, -1.0]], [learner.steps_done], answer="<answer>0.5</answer>")

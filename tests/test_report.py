@@ -11,6 +11,13 @@ from rollout.questions import Question
 from rollout.scoring import reference_levels
 
 
+def _samples(forecasts):
+    """What a worker returns for these forecasts (every question asked, one text per sample)."""
+    f = np.asarray(forecasts, dtype=float)
+    return evaluate.Samples(f, [[f"<answer>{x}</answer>" for x in row] for row in f],
+                            [["answer"] * f.shape[1]] * len(f), np.ones(len(f), bool))
+
+
 def _assert_png_drawn(path):
     assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     img = mpimg.imread(path)
@@ -47,7 +54,7 @@ def test_reliability_from_eval_predictions(run_dir):
     qs = [Question(id=f"q{i}", text=f"Q{i}?", market_prob=0.5, outcome=int(rng.random() < 0.3)) for i in range(40)]
     samples = rng.uniform(0, 1, size=(40, 4))
     samples[0] = np.nan  # a question without any parseable answer is left out of the diagram
-    qio.write_table(evaluate.predictions_table(qs, samples), run_dir / "eval" / "predictions.parquet")
+    qio.write_table(evaluate.predictions_table(qs, _samples(samples)), run_dir / "eval" / "predictions.parquet")
     paths = report.report(run_dir)
     assert [p.name for p in paths] == ["learning_curve.png", "reliability.png"]
     for p in paths:
@@ -56,12 +63,12 @@ def test_reliability_from_eval_predictions(run_dir):
 
 def test_reliability_targets():
     qs = [Question(id="a", text="A?", p_true=0.3, market_prob=0.4), Question(id="b", text="B?", market_prob=0.6)]
-    table = evaluate.predictions_table(qs, np.array([[0.2, 0.4], [0.5, np.nan]]))
+    table = evaluate.predictions_table(qs, _samples([[0.2, 0.4], [0.5, np.nan]]))
     q, y, label = report.reliability_data(table)
     assert q.tolist() == pytest.approx([0.3, 0.5])
     assert y.tolist() == pytest.approx([0.3, 0.6]) and "true probability" in label  # p*, else the market
     resolved = [Question(id="a", text="A?", market_prob=0.4, outcome=1), Question(id="b", text="B?", market_prob=0.6)]
-    q, y, label = report.reliability_data(evaluate.predictions_table(resolved, np.array([[0.2], [0.5]])))
+    q, y, label = report.reliability_data(evaluate.predictions_table(resolved, _samples([[0.2], [0.5]])))
     assert y[0] == 1.0 and np.isnan(y[1]) and "observed" in label
 
 
@@ -70,9 +77,8 @@ def test_plot_functions_take_data(tmp_path):
     path = report.plot_reliability({"model": (q, (q > 0.5).astype(float)), "always 0.5": (np.full(50, 0.5), q)},
                                    tmp_path / "r.png")
     _assert_png_drawn(path)
-    with pytest.raises(ValueError, match="nothing to draw"):
-        report.plot_reliability({"model": (q, np.full(50, np.nan))}, tmp_path / "empty.png")
-    assert not (tmp_path / "empty.png").exists()
+    assert report.plot_reliability({"model": (q, np.full(50, np.nan))}, tmp_path / "empty.png") is None
+    assert not (tmp_path / "empty.png").exists()  # nothing to draw: said, and skipped (tests/test_eval_robust.py)
     metrics = [{"step": s, "reward_mean": -1 + s / 10, "ce_mean": 1 - s / 10} for s in range(5)]
     _assert_png_drawn(report.plot_learning_curve(metrics, None, tmp_path / "lc.png", "outcome_brier"))
 

@@ -13,11 +13,14 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
-class _Strict(BaseModel):
+class Strict(BaseModel):
+    """The base of every config section of every role: unknown keys are errors, and so are wrong types, on loading
+    and on assignment. Defined here because `tools/` is the leaf every role may import (it imports none of them)."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class WikiConfig(_Strict):
+class WikiConfig(Strict):
     endpoint: str = "https://en.wikipedia.org/w/api.php"
     """The MediaWiki Action API to read revisions from. Callers never supply URLs; only this one is fetched."""
     user_agent: str = "forecast-grpo/0.1 (https://github.com/forecast-grpo/forecast-grpo)"
@@ -47,9 +50,14 @@ class WikiConfig(_Strict):
     """A Hugging Face tokenizer (folder or hub id) to count tokens with; None counts one token per 4 characters."""
     search_limit: int = Field(5, ge=1, le=50)
     """Titles a search returns at most."""
+    live_search: bool = False
+    """Search ranks the pages the cache holds as they stood on the as-of date (an FTS5 index over their revisions
+    then): candidates and ranking from that date only. True adds a fallback for a query that finds nothing there:
+    the wiki's own search, today's index, picks the candidates (checked and ranked as of the date), which tells the
+    model what became notable later. Off by default; each use is counted (`forecast_tools_live_searches`)."""
     search_candidates: int = Field(10, ge=1, le=50)
-    """Titles asked of the wiki's search per query. Each is checked as of the date (its creation, its text then),
-    which costs up to two upstream requests the first time, so more candidates mean slower cold searches."""
+    """With live_search: titles asked of the wiki's search per query. Each is checked as of the date (its creation,
+    its text then), which costs up to two upstream requests the first time, so more candidates mean slower searches."""
 
     @field_validator("endpoint")
     @classmethod
@@ -59,7 +67,7 @@ class WikiConfig(_Strict):
         return v
 
 
-class NewsConfig(_Strict):
+class NewsConfig(Strict):
     corpus: str | None = None
     """Parquet corpus of dated items (date, title, summary, source, url): `forecast-grpo news import`."""
     window_days: int = Field(30, ge=1)
@@ -68,7 +76,7 @@ class NewsConfig(_Strict):
     """Items a search returns at most."""
 
 
-class ServiceConfig(_Strict):
+class ServiceConfig(Strict):
     host: str | None = None
     """Address to bind. None: 127.0.0.1 for `forecast-grpo wiki serve`; the node's IP inside a Ray job."""
     port: int = Field(0, ge=0, le=65535)
@@ -82,7 +90,7 @@ class ServiceConfig(_Strict):
     """A caller's (rollout worker's) timeout for one service request; a slow or dead service is a tool error."""
 
 
-class ToolsConfig(_Strict):
+class ToolsConfig(Strict):
     wiki: WikiConfig = WikiConfig()
     news: NewsConfig = NewsConfig()
     service: ServiceConfig = ServiceConfig()
