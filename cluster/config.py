@@ -11,6 +11,8 @@ own `config.yaml`.
 from __future__ import annotations
 
 import os
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -141,7 +143,8 @@ class JobConfig(Strict):
     def learner_job(self) -> LearnerJob:
         return LearnerJob(model=self.model, learner=self.learner, grpo=self.grpo, task=self.task,
                           temperature=self.rollout.temperature, max_staleness=self.sync.max_staleness,
-                          total_steps=self.run.steps, trajectories_every=self.run.trajectories_every)
+                          total_steps=self.run.steps, trajectories_every=self.run.trajectories_every,
+                          seed=self.run.seed)
 
     def ray_address(self) -> str | None:
         return self.ray.address or os.environ.get("RAY_ADDRESS") or None
@@ -162,6 +165,14 @@ def _format_errors(err: ValidationError, source: str) -> str:
     return "invalid config:\n  " + "\n  ".join(lines)
 
 
+def _section(annotation) -> tuple[type[BaseModel] | None, bool]:
+    """The config section a key holds (None: a plain value), and whether it is an optional one (`Section | None`,
+    such as learner.lora: null is off, and setting any of its keys turns it on)."""
+    options = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    sections = [a for a in options if isinstance(a, type) and issubclass(a, BaseModel)]
+    return (sections[0] if sections else None), type(None) in options
+
+
 def _set_path(tree: dict, dotted: str, value: Any, source: str) -> None:
     keys = dotted.split(".")
     model: type[BaseModel] | None = JobConfig
@@ -169,13 +180,15 @@ def _set_path(tree: dict, dotted: str, value: Any, source: str) -> None:
     for i, k in enumerate(keys):
         if model is None or k not in model.model_fields:
             raise ConfigError(f"invalid config:\n  {source}: unknown key '{'.'.join(keys[: i + 1])}'")
-        ann = model.model_fields[k].annotation
-        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        model, optional = _section(model.model_fields[k].annotation)
         if i == len(keys) - 1:
-            if model is not None:
-                raise ConfigError(f"invalid config:\n  {source}: '{dotted}' is a section; set one of its keys")
+            if model is not None and not (optional and value is None):
+                raise ConfigError(f"invalid config:\n  {source}: '{dotted}' is a section; set one of its keys"
+                                  + (" (or null: off)" if optional else ""))
             node[k] = value
         else:
+            if optional and node.get(k) is None:  # an optional section that was off: setting a key turns it on
+                node[k] = {}
             node = node.setdefault(k, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"invalid config:\n  {source}: '{'.'.join(keys[: i + 1])}' is not a section")

@@ -39,6 +39,16 @@ Learner rank (DeepSpeed, model dtype of d bytes, R = learner.world_size ranks):
   buffers: DeepSpeed's gradient bucket (reduce_bucket_size elements of d bytes, or the whole model if smaller), the
   reference model's weights when grpo.kl_beta > 0 (partitioned under ZeRO-3), and an allowance for the CUDA context.
 
+  With LoRA (`learner.lora`, learner/lora.py): the model's weights are frozen, d bytes per parameter (partitioned
+  at stage 3, in CPU memory with offload_params) and nothing else; the adapters, r x (in + out) parameters per
+  targeted projection of every layer, have the whole table above. No reference model (the KL's reference is the
+  model with its adapters off), and the gradient bucket holds the adapters' gradients. Activations: frozen norm
+  weights keep no normalised copy of their input (d·h each), the frozen embedding and lm_head keep no token ids and
+  no lm_head input, layer 0's first norm keeps nothing (its input needs no gradient: this cancels the final norm's
+  4h + 4); each adapter keeps its A x (d·r per token) and, with lora.dropout > 0, the dropped-out input and the mask
+  of GPUs' fused dropout ((d + 1) per input feature; CPUs keep the mask in the model's dtype). The adapters' inputs
+  are the projections' inputs already counted, so with fewer target_modules than the default this is an upper bound.
+
 Rollout worker (vLLM): it claims rollout.gpu_memory_utilization of each of its T = tensor_parallel_size GPUs; its
 weights (1/T of them), the CUDA context and its profiling pass come out of that, and the rest is KV cache
 (vllm/v1/worker/gpu_worker.py: requested memory less non-KV memory), which must hold max_model_len tokens for every
@@ -54,7 +64,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cluster.config import ConfigError, JobConfig
-from learner.config import LearnerConfig
+from learner.config import LearnerConfig, LoraConfig
 
 GIB = 1 << 30
 RUNTIME_BYTES = 2 * GIB
@@ -92,6 +102,21 @@ class ModelShape:
         """Parameters of the largest module (DeepSpeed's largest_layer_params): the embedding, for these models."""
         h = self.hidden
         return max(self.vocab * h, h * self.intermediate, h * self.heads * self.head_dim + self.heads * self.head_dim)
+
+    @property
+    def projections(self) -> dict[str, tuple[int, int]]:
+        """(in, out) features of each linear layer of a decoder layer, by its name in Llama and Qwen2 models."""
+        h, q, kv, i = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.intermediate
+        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h), "gate_proj": (h, i),
+                "up_proj": (h, i), "down_proj": (i, h)}
+
+    def adapter_params(self, lora: LoraConfig) -> int:
+        """LoRA's trained parameters: r x (in + out) for each targeted projection of every layer."""
+        unknown = [m for m in lora.target_modules if m not in self.projections]
+        if unknown:
+            raise ConfigError(f"learner.lora.target_modules: the plan knows the projections of Llama and Qwen2 "
+                              f"layers ({', '.join(self.projections)}), not {', '.join(unknown)}")
+        return self.layers * sum(lora.r * sum(self.projections[m]) for m in lora.target_modules)
 
     def kv_bytes_per_token(self, dtype_bytes: int, tensor_parallel: int = 1) -> int:
         """vLLM's KV cache per token on one GPU (key/value heads split over tensor-parallel ranks, at least one)."""
@@ -136,8 +161,9 @@ def dtype_bytes(cfg: JobConfig) -> int:
 
 
 def model_states(shape: ModelShape, lc: LearnerConfig, d: int) -> list[Part]:
-    """Weights, gradients and optimizer states of one learner rank (the table in the module docstring)."""
-    p, r, stage = shape.params, lc.world_size, lc.zero_stage
+    """Weights, gradients and optimizer states of one learner rank (the table in the module docstring); with LoRA
+    the frozen weights, and the adapters' states by the table."""
+    r, stage = lc.world_size, lc.zero_stage
     dt = "bf16" if d == 2 else "fp32"
 
     def split(partitioned: bool) -> tuple[int, str]:
@@ -146,36 +172,48 @@ def model_states(shape: ModelShape, lc: LearnerConfig, d: int) -> list[Part]:
         return n, f" (1/{n})" if n > 1 else ""
 
     n, of = split(stage == 3)
-    parts = [Part(f"weights, {dt}{of}", d * p / n, lc.offload_params)]
+    if lc.lora:
+        parts = [Part(f"frozen weights, {dt}{of}", d * shape.params / n, lc.offload_params)]
+        p, what = shape.adapter_params(lc.lora), "LoRA adapters' "
+    else:
+        parts, p, what = [], shape.params, ""
+    parts.append(Part(f"{what}weights, {dt}{of}", d * p / n, lc.offload_params))
     if stage < 3 and not lc.offload_optimizer:
         n, of = split(stage == 2)
-        parts.append(Part(f"gradients, {dt}{of}", d * p / n))
+        parts.append(Part(f"{what}gradients, {dt}{of}", d * p / n))
     n, of = split(stage >= 1)
     if d != 4 or stage == 3 or lc.offload_optimizer:
-        parts.append(Part(f"fp32 gradients{of}", 4 * p / n, lc.offload_optimizer))
+        parts.append(Part(f"{what}fp32 gradients{of}", 4 * p / n, lc.offload_optimizer))
     if d != 4 or stage >= 1:
-        parts.append(Part(f"fp32 master weights{of}", 4 * p / n, lc.offload_optimizer))
-    parts.append(Part(f"Adam moments, fp32{of}", 8 * p / n, lc.offload_optimizer))
-    if stage == 3:
-        parts.append(Part("ZeRO-3 working set (largest layer gathered, with its gradients)",
-                          2 * d * shape.largest_layer))
+        parts.append(Part(f"{what}fp32 master weights{of}", 4 * p / n, lc.offload_optimizer))
+    parts.append(Part(f"{what}Adam moments, fp32{of}", 8 * p / n, lc.offload_optimizer))
+    if stage == 3:  # a frozen layer is gathered without gradients
+        parts.append(Part(f"ZeRO-3 working set (largest layer gathered{'' if lc.lora else ', with its gradients'})",
+                          (1 if lc.lora else 2) * d * shape.largest_layer))
     return parts
 
 
-def layer_activation_bytes(shape: ModelShape, d: int, kv_len: int) -> float:
-    """Bytes one decoder layer keeps for the backward, per token (formula in the module docstring)."""
+def layer_activation_bytes(shape: ModelShape, d: int, kv_len: int, lora: LoraConfig | None = None) -> float:
+    """Bytes one decoder layer keeps for the backward, per token (formulas in the module docstring)."""
     h, q = shape.hidden, shape.heads * shape.head_dim
     k = q if shape.kv_heads > 1 else shape.head_dim
-    return 8 * h + 8 + d * (4 * h + 2 * q + 2 * k + 4 * shape.intermediate + kv_len) + 4 * shape.heads
+    full = 8 * h + 8 + d * (4 * h + 2 * q + 2 * k + 4 * shape.intermediate + kv_len) + 4 * shape.heads
+    if lora is None:
+        return full
+    return full - 2 * d * h + sum(d * lora.r + (lora.dropout > 0) * (d + 1) * shape.projections[m][0]
+                                  for m in lora.target_modules)
 
 
 def saved_activation_bytes(shape: ModelShape, d: int, sequences: int, seq_len: int, logit_positions: int,
-                           checkpointing: bool) -> float:
+                           checkpointing: bool, lora: LoraConfig | None = None) -> float:
     """What autograd keeps after the forward of `sequences` x `seq_len` tokens with logits at `logit_positions`
     per sequence, through the loss's logsumexp."""
     tokens = sequences * seq_len
-    layer = d * shape.hidden if checkpointing else layer_activation_bytes(shape, d, seq_len)
-    top = 8 + 4 * shape.hidden + 4 + 2 * d * shape.hidden  # token ids; final norm; lm_head input
+    layer = d * shape.hidden if checkpointing else layer_activation_bytes(shape, d, seq_len, lora)
+    if lora is None:
+        top = 8 + 4 * shape.hidden + 4 + 2 * d * shape.hidden  # token ids; final norm; lm_head input
+    else:  # the final norm; without checkpointing, cancelled by layer 0's first norm, which keeps nothing
+        top = 4 * shape.hidden + 4 if checkpointing else 0
     return tokens * (shape.layers * layer + top) + sequences * logit_positions * (4 * shape.vocab + 4)
 
 
@@ -185,18 +223,20 @@ def learner_parts(cfg: JobConfig, shape: ModelShape) -> list[Part]:
     b, seq = lc.micro_batch_size, rc.max_model_len
     completion = min(seq, rc.max_trajectory_tokens if cfg.task.tools else rc.max_new_tokens)
     ckpt = lc.gradient_checkpointing
+    trained = shape.adapter_params(lc.lora) if lc.lora else shape.params
     parts = model_states(shape, lc, d) + [
-        Part(f"activations ({b} x {seq} tokens{', checkpointed' if ckpt else ''})",
-             saved_activation_bytes(shape, d, b, seq, 0, ckpt)),
+        Part(f"activations ({b} x {seq} tokens{', checkpointed' if ckpt else ''}{', LoRA' if lc.lora else ''})",
+             saved_activation_bytes(shape, d, b, seq, 0, ckpt, lc.lora)),
         Part(f"logits ({b} x {completion} completion tokens x {shape.vocab})",
              b * completion * (shape.vocab * (4 + 2 * d + 4) + 4)),
         Part("prompt keys/values repeated per completion",
              shape.layers * b * seq * 2 * shape.kv_heads * shape.head_dim * d),
-        Part("DeepSpeed gradient bucket", min(REDUCE_BUCKET_ELEMENTS, shape.params) * d),
+        Part("DeepSpeed gradient bucket", min(REDUCE_BUCKET_ELEMENTS, trained) * d),
     ]
     if ckpt:
-        parts.append(Part("one layer recomputed in the backward", b * seq * layer_activation_bytes(shape, d, seq)))
-    if cfg.grpo.kl_beta > 0:
+        parts.append(Part("one layer recomputed in the backward",
+                          b * seq * layer_activation_bytes(shape, d, seq, lc.lora)))
+    if cfg.grpo.kl_beta > 0 and not lc.lora:  # with LoRA the reference is the model with its adapters off
         n = lc.world_size if lc.zero_stage == 3 else 1
         parts.append(Part("reference model weights (grpo.kl_beta > 0)", d * shape.params / n))
     if lc.num_gpus == 0:

@@ -133,6 +133,8 @@ def render(plan: Plan, source: str) -> str:
     out.append("")
     zero = f"ZeRO-{lc.zero_stage} over {_n(lc.world_size, 'rank')}" + \
         "".join(f", {k}" for k in ("offload_optimizer", "offload_params") if getattr(lc, k))
+    if lc.lora:
+        zero += f"; LoRA r={lc.lora.r}, {s.adapter_params(lc.lora):,} trained parameters"
     out += _parts(f"learner rank ({zero}; micro-batch {lc.micro_batch_size})", plan.learner)
     states = memory.model_states(s, lc, memory.dtype_bytes(cfg))
     out.append(f"    model states (weights, gradients, optimizer): {_size(sum(p.bytes for p in states))}")

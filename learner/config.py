@@ -42,6 +42,26 @@ class GRPOConfig(Strict):
     """Bonus on the policy's token entropy (keeps a group's samples diverse)."""
 
 
+class LoraConfig(Strict):
+    """LoRA (Hu et al. 2021, arXiv:2106.09685) through `peft`: each targeted projection W is trained as
+    W + (alpha / r) * B A, with A (r x in) and B (out x r) the only trained weights and W frozen (`learner/lora.py`).
+    B starts at 0, so training starts from the model itself; A starts from run.seed, so two runs of one config start
+    alike."""
+
+    r: int = Field(16, ge=1)
+    """Rank of the adapters: trained parameters per projection r x (in + out)."""
+    alpha: float = Field(32.0, gt=0.0)
+    """Scale: the update is (alpha / r) B A, so a change of r needs no change of learner.lr at the same alpha / r."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout on the adapters' input in training passes only. 0 by default: with it, the logprobs the loss is taken
+    on are of a randomly thinned model, not the policy the sampler drew from (the importance weights get noisier)."""
+    target_modules: list[str] = Field(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                                      min_length=1)
+    """Names of the linear layers that get adapters (peft matches the last part of each module's name): by default
+    every attention and MLP projection of Llama, Qwen2/2.5/3 and SmolLM2, which trains better than attention alone
+    (the QLoRA paper's finding, arXiv:2305.14314); the embeddings and lm_head stay frozen."""
+
+
 class LearnerConfig(Strict):
     world_size: int = Field(1, ge=1)
     zero_stage: int = Field(0, ge=0, le=3)
@@ -66,6 +86,13 @@ class LearnerConfig(Strict):
     num_gpus: float = Field(0.0, ge=0.0)
     torch_threads: int | None = None
     """CPU only: torch threads per learner rank (default: what Ray gives the actor, at least 1)."""
+    lora: LoraConfig | None = None
+    """Train LoRA adapters on the frozen model instead of every weight (null, the default: off). On with
+    `--set learner.lora.r=16` (any of its keys) or a `lora:` mapping (`lora: {}` for the defaults). Only the adapters
+    get gradients and Adam moments; the KL's reference is the same model with its adapters off (no second copy); the
+    engines get the merged weights at every sync, and a checkpoint holds the adapter (`adapter/`, peft's format) and
+    the merged Hugging Face folder. Every zero_stage works: 0-2 keep the frozen weights whole on each rank, 3
+    partitions them too (and gathers each adapted layer with its adapters to merge it)."""
 
     @model_validator(mode="after")
     def _offload_needs_zero(self) -> "LearnerConfig":
@@ -92,3 +119,5 @@ class LearnerJob(Strict):
     """run.steps: the length of the lr and KL schedules."""
     trajectories_every: int
     """run.trajectories_every."""
+    seed: int
+    """run.seed: the LoRA adapters' initialisation."""

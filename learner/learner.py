@@ -6,6 +6,9 @@ One `train_step` takes the trajectory batches of one step, computes group advant
 steps over micro-batches of the rest. Ranks stay in lock-step: every rank sees the whole batch, makes the same
 keep/drop decisions, and runs the same number of forward/backward passes (a rank with fewer sequences runs a
 zero-weight pass), because ZeRO-2/3 reduce and gather inside those passes.
+
+With `learner.lora` the model is wrapped by peft and only its adapters train (`learner/lora.py` says what changes:
+the reference policy, the weights the engines get, the checkpoint).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import os
 import socket
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +28,7 @@ import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 
-from learner import forward, grpo
+from learner import forward, grpo, lora
 from learner.config import LearnerJob
 from learner.storage import RunStorage, parquet_bytes
 from rollout import weights
@@ -107,20 +111,26 @@ class Learner:
         model.config.use_cache = False
         if cfg.learner.gradient_checkpointing:
             model.gradient_checkpointing_enable()
+        if cfg.learner.lora:
+            model = lora.wrap(model, cfg.learner.lora, cfg.seed)
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
         schedule = lr_lambda(cfg)
-        self.engine, *_ = deepspeed.initialize(
-            model=model, model_parameters=model.parameters(), config=ds_config,
-            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+        # The schedule is in training steps: it reads the step, not the scheduler's count of optimizer steps (several
+        # per batch with grpo.updates_per_batch, none in a step with nothing to learn); train_step re-reads it.
+        self.steps_done = 0
+        self.engine, *_ = deepspeed.initialize(  # the optimizer gets the trained parameters only (LoRA: the adapters)
+            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda _: schedule(self.steps_done)))
+        # a KL weight rising from 0 needs the reference later on
+        self.kl_on = cfg.grpo.kl_beta > 0 or (cfg.grpo.kl_beta_end or 0.0) > 0
         self.reference = None
-        if cfg.grpo.kl_beta > 0:
+        if self.kl_on and not cfg.learner.lora:  # with LoRA the reference is this model, its adapters off
             with self._zero3_init(ds_config):
                 ref = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=dtype)
             ref.requires_grad_(False).eval()
             ref_config = {k: v for k, v in ds_config.items() if k not in ("optimizer", "gradient_clipping")}
             self.reference = deepspeed.initialize(model=ref, config=ref_config)[0] \
                 if cfg.learner.zero_stage == 3 else ref.to(self.device)
-        self.steps_done = 0
 
     @contextlib.contextmanager
     def _zero3_init(self, ds_config: dict):
@@ -156,18 +166,32 @@ class Learner:
     def _micro(self, batch: TrajectoryBatch, idx: np.ndarray) -> forward.MicroBatch:
         return forward.build(batch, idx, self.tokenizer.pad_token_id or 0, self.device)
 
+    @contextlib.contextmanager
+    def _reference(self):
+        """The KL's reference policy, the starting model: with LoRA this model with its adapters off (no second
+        copy), else the frozen copy loaded beside it when a KL weight is on."""
+        if self.cfg.learner.lora:
+            with self.engine.module.disable_adapter():
+                yield self.engine
+        elif self.reference is None:
+            raise RuntimeError("no reference policy: grpo.kl_beta is 0 and learner.lora is off, so none is loaded")
+        else:
+            yield self.reference
+
     @torch.no_grad()
-    def sequence_logprobs(self, batch: TrajectoryBatch) -> np.ndarray:
-        """The learner's logprob of every completion token (flat, aligned with batch.tokens; 0 on prompts)."""
+    def sequence_logprobs(self, batch: TrajectoryBatch, reference: bool = False) -> np.ndarray:
+        """The learner's logprob of every completion token (flat, aligned with batch.tokens; 0 on prompts); with
+        `reference`, the KL's reference policy's (`_reference`)."""
         self.engine.eval()
         out = np.zeros(len(batch.tokens), dtype=np.float32)
         mb = self.cfg.learner.micro_batch_size
-        for start in range(0, batch.num_sequences, mb):
-            micro = self._micro(batch, np.arange(start, min(start + mb, batch.num_sequences)))
-            logp = self._logprobs(self.engine, micro)[0].float().cpu().numpy()
-            for row, i in enumerate(micro.rows):
-                s = batch.offsets[i] + batch.prompt_lens[i]
-                out[s:batch.offsets[i + 1]] = logp[row, : batch.offsets[i + 1] - s]
+        with self._reference() if reference else contextlib.nullcontext(self.engine) as model:
+            for start in range(0, batch.num_sequences, mb):
+                micro = self._micro(batch, np.arange(start, min(start + mb, batch.num_sequences)))
+                logp = self._logprobs(model, micro)[0].float().cpu().numpy()
+                for row, i in enumerate(micro.rows):
+                    s = batch.offsets[i] + batch.prompt_lens[i]
+                    out[s:batch.offsets[i + 1]] = logp[row, : batch.offsets[i + 1] - s]
         self.engine.train()
         return out
 
@@ -182,6 +206,10 @@ class Learner:
         cfg, g = self.cfg, self.cfg.grpo
         batch = TrajectoryBatch.concat(list(batches))
         step = self.steps_done
+        with warnings.catch_warnings():  # torch warns of a scheduler stepped before the optimizer: here on purpose
+            warnings.simplefilter("ignore")
+            self.engine.lr_scheduler.step()  # this step's lr, from the step (see __init__)
+        lr, kl_beta = self.engine.get_lr()[0], self.kl_beta()  # what this step trains with, and reports
         parsed = torch.from_numpy(~np.isnan(batch.forecasts))
         adv, zero_var = grpo.group_advantages(torch.from_numpy(batch.rewards), torch.from_numpy(batch.group_ids),
                                               g.normalize_std, parsed if g.format_aware else None)
@@ -189,7 +217,7 @@ class Learner:
         staleness = step - batch.policy_version.astype(np.int64)
         stale = staleness > cfg.max_staleness
         # zero-variance groups carry no policy-gradient signal; they are kept only for a KL or entropy term to act on
-        regularised = g.kl_beta > 0 or g.entropy_coef > 0
+        regularised = kl_beta > 0 or g.entropy_coef > 0
         keep = np.nonzero((~zero_var.numpy() | regularised) & ~stale)[0]
         # mini-batches: one optimizer step each; with several, the ratio needs the pre-update logprobs
         plans = [(mini, self._plan(mini)) for mini in np.array_split(keep, g.updates_per_batch) if len(mini)]
@@ -218,11 +246,11 @@ class Learner:
             "loss": sums[0].item() / max(1, len(plans)),
             "clip_frac": sums[1].item() / tok,
             "kl": sums[3].item() / tok,
-            "kl_beta": self.kl_beta(),
+            "kl_beta": kl_beta,
             "entropy": sums[4].item() / tok,
             "is_weight_mean": sums[5].item() / tok,
             "grad_norm": float(np.mean(grad_norms)) if grad_norms else 0.0,
-            "lr": self.engine.get_lr()[0],
+            "lr": lr,
             "optimizer_steps": len(plans),
             "trained_sequences": int(len(keep)),
             "dropped_stale": int(stale.sum()),
@@ -259,9 +287,9 @@ class Learner:
         logp, ent = self._logprobs(self.engine, mb, "grad" if g.entropy_coef > 0 else "nograd")
         logp_prox = logp.detach() if prox is None else self._stack(prox, mb)
         logp_ref = None
-        if self.reference is not None:
-            with torch.no_grad():
-                logp_ref, _ = self._logprobs(self.reference, mb)
+        if self.kl_on:
+            with torch.no_grad(), self._reference() as reference:
+                logp_ref, _ = self._logprobs(reference, mb)
         tl = grpo.token_loss(logp, logp_prox, mb.sampler_logprobs, a, eps_low=g.clip_eps_low,
                              eps_high=g.clip_eps_high, tis_cap=g.tis_cap, logp_ref=logp_ref, kl_beta=self.kl_beta(),
                              kl_weight=kl_w, entropy=ent, entropy_coef=g.entropy_coef)
@@ -305,16 +333,27 @@ class Learner:
             return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
         return contextlib.nullcontext()
 
+    def _weights(self) -> list[lora.Weight]:
+        """What the engines load, under the model's Hugging Face names: the parameters, or with LoRA the merged
+        weights (`learner/lora.py`)."""
+        if self.cfg.learner.lora:
+            return lora.merged_weights(self.engine.module)
+        return [lora.Weight(name, [p], lambda p=p: p) for name, p in self.engine.module.named_parameters()]
+
+    @staticmethod
+    def _manifest(ws: list[lora.Weight]) -> list:
+        return weights.manifest_of((w.name, w.params[0]) for w in ws)  # a merged weight has its base weight's shape
+
     def named_weight_chunks(self, chunk_bytes: int = 256 << 20):
         """Full weights in chunks (every rank must iterate: ZeRO-3 gathers are collective); rank 0 gets tensors."""
-        named = list(self.engine.module.named_parameters())
+        ws = self._weights()
         chunk, size = [], 0
-        for name, p in named:
-            chunk.append((name, p))
-            size += p.ds_numel * p.element_size() if hasattr(p, "ds_numel") else p.numel() * p.element_size()
-            if size >= chunk_bytes or name == named[-1][0]:
-                with self._gathered([q for _, q in chunk]):
-                    yield [(n, q.detach().to("cpu", copy=True)) for n, q in chunk] if self.rank == 0 else []
+        for i, w in enumerate(ws):
+            chunk.append(w)
+            size += sum((p.ds_numel if hasattr(p, "ds_numel") else p.numel()) * p.element_size() for p in w.params)
+            if size >= chunk_bytes or i == len(ws) - 1:
+                with self._gathered([p for c in chunk for p in c.params]):
+                    yield [(c.name, c.value().detach().to("cpu", copy=True)) for c in chunk] if self.rank == 0 else []
                 chunk, size = [], 0
 
     def export_weights(self) -> dict | None:
@@ -333,7 +372,7 @@ class Learner:
     def weight_group_address(self) -> tuple[str, int, list]:
         import ray
 
-        return ray.util.get_node_ip_address(), free_port(), weights.manifest_of(self.engine.module.named_parameters())
+        return ray.util.get_node_ip_address(), free_port(), self._manifest(self._weights())
 
     def join_weight_group(self, host: str, port: int, world: int, timeout_s: float) -> int:
         if self.rank == 0:
@@ -342,33 +381,45 @@ class Learner:
 
     def broadcast_weights(self) -> int:
         """Collective transport: every rank gathers bucket by bucket (ZeRO-3), rank 0 broadcasts each bucket."""
-        params = dict(self.engine.module.named_parameters())
+        ws = self._weights()
+        by_name = {w.name: w for w in ws}
         sent = 0
-        for dtype, items in weights.buckets(weights.manifest_of(params.items())):
-            ps = [params[name] for name, _, _ in items]
-            with self._gathered(ps):
+        for dtype, items in weights.buckets(self._manifest(ws)):
+            bucket = [by_name[name] for name, _, _ in items]
+            with self._gathered([p for w in bucket for p in w.params]):
                 if self.rank == 0:
-                    sent += self._sender.send_bucket(dtype, [p.detach() for p in ps])
+                    sent += self._sender.send_bucket(dtype, [w.value().detach() for w in bucket])
         return sent
 
     def save_checkpoint(self, rel: str, *pending: TrajectoryBatch) -> dict[str, int]:
         """Everything this rank needs to continue, under `rel` in the run folder: its DeepSpeed state (parameters,
-        optimizer, lr schedule), step and RNG; rank 0 also writes the Hugging Face folder (for `eval` and vLLM) and
-        the `pending` batches, generated for the next step (with overlap), so that a resumed run trains on exactly
-        them. Every rank must call it (ZeRO-3 gathers are collective). Returns the files written and their sizes;
-        the driver's marker, written once every rank is done, makes the checkpoint complete."""
+        optimizer, lr schedule; with LoRA the adapters' only), step and RNG; rank 0 also writes the Hugging Face
+        folder (for `eval` and vLLM; with LoRA the merged weights, and the adapter in peft's format in `adapter/`)
+        and the `pending` batches, generated for the next step (with overlap), so that a resumed run trains on
+        exactly them. Every rank must call it (ZeRO-3 gathers are collective). Returns the files written and their
+        sizes; the driver's marker, written once every rank is done, makes the checkpoint complete."""
         state = {}
         for chunk in self.named_weight_chunks():
             state.update(chunk)
+        lc = self.cfg.learner
         with tempfile.TemporaryDirectory() as tmp:
             ds = Path(tmp) / "deepspeed"
-            self.engine.save_checkpoint(str(ds), tag=DS_TAG, save_latest=False)
+            # with LoRA the frozen weights are model.path's, read again on resume: no copy of them per checkpoint
+            self.engine.save_checkpoint(str(ds), tag=DS_TAG, save_latest=False,
+                                        exclude_frozen_parameters=lc.lora is not None)
             torch.save({"steps_done": self.steps_done, "torch_rng": torch.get_rng_state(),
                         "numpy_rng": np.random.get_state()}, ds / f"rank_{self.rank}.pt")
             files = {f"deepspeed/{k}": v for k, v in self.storage.upload(ds, f"{rel}/deepspeed").items()}
+            if lc.lora:
+                with self._gathered([p for p in self.engine.module.parameters() if p.requires_grad]):
+                    if self.rank == 0:
+                        self.engine.module.save_pretrained(Path(tmp) / "adapter")
+                        files.update({f"adapter/{k}": v for k, v in
+                                      self.storage.upload(Path(tmp) / "adapter", f"{rel}/adapter").items()})
             if self.rank == 0:
                 hf = Path(tmp) / "hf"
-                self.engine.module.save_pretrained(hf, state_dict=state, safe_serialization=True)
+                model = self.engine.module.get_base_model() if lc.lora else self.engine.module
+                model.save_pretrained(hf, state_dict=state, safe_serialization=True)
                 self.tokenizer.save_pretrained(hf)
                 files.update(self.storage.upload(hf, rel))
                 if pending:
@@ -392,7 +443,8 @@ class Learner:
                 raise RuntimeError(f"{self.storage.path(rel)} has no state for learner rank {self.rank}: it was "
                                    "saved with another learner.world_size")
             path, _ = self.engine.load_checkpoint(tmp, tag=DS_TAG, load_optimizer_states=True,
-                                                  load_lr_scheduler_states=True)
+                                                  load_lr_scheduler_states=True,
+                                                  custom_load_fn=lora.load_adapters if self.cfg.learner.lora else None)
             if path is None:
                 raise RuntimeError(f"DeepSpeed found no checkpoint in {self.storage.path(rel)}/deepspeed")
             st = torch.load(mine_state, weights_only=False)

@@ -9,7 +9,7 @@ import torch
 
 from cluster import memory, placement, plan
 from cluster.config import ConfigError, load_config
-from learner.config import LearnerConfig
+from learner.config import LearnerConfig, LoraConfig
 from tests.conftest import ROOT, make_cfg
 
 SIZE_CONFIGS = {"qwen2.5-1.5b.yaml": 1, "qwen2.5-7b.yaml": 1, "qwen2.5-14b.yaml": 2}  # file -> nodes of 8 x 80 GB
@@ -77,16 +77,20 @@ def _live_storages() -> dict[int, int]:
     return out
 
 
+@pytest.mark.parametrize("lora", [False, True])
 @pytest.mark.parametrize("stage", [0, 2])
-def test_model_states_match_what_the_tiny_learner_allocates(tiny_model, stage):
+def test_model_states_match_what_the_tiny_learner_allocates(tiny_model, stage, lora):
     """Every tensor alive just before the second optimizer step, less those alive before the learner existed: the
     weights, their gradients and the Adam moments (and at ZeRO-2 DeepSpeed's fp32 copy of the weights). Besides
     them only a few small tensors live then (rotary frequencies, the step's metric sums): under 0.1% here, while a
-    state tensor missing from or extra to the estimate is 4 bytes per parameter (20% or more). Hence 1%."""
+    state tensor missing from or extra to the estimate is 4 bytes per parameter (20% or more). Hence 1%. With LoRA
+    (r=32: 37% of the tiny model's parameters, so that a state of the adapters' missing from or extra to the
+    estimate is over 1% too), the frozen weights and the adapters' states."""
     from learner.learner import Learner
     from tests.test_learner import _batch
 
-    cfg = make_cfg(tiny_model, f"learner.zero_stage={stage}", "learner.micro_batch_size=4")
+    cfg = make_cfg(tiny_model, f"learner.zero_stage={stage}", "learner.micro_batch_size=4",
+                   *(["learner.lora.r=32"] if lora else []))
     before = _live_storages()
     learner = Learner(cfg.learner_job())
     seen = []
@@ -118,18 +122,24 @@ def _gqa_model():
 @pytest.mark.parametrize("model", ["tiny", "gqa"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_activation_formula_matches_what_autograd_keeps(tiny_model, model, dtype, checkpointing):
+@pytest.mark.parametrize("lora", [None, LoraConfig(r=8)])
+def test_activation_formula_matches_what_autograd_keeps(tiny_model, model, dtype, checkpointing, lora):
     """The bytes of every tensor autograd saves for the backward (less the weights it saves views of) through the
     loss's logsumexp, for a padded batch like the learner's, against the formula in cluster/memory.py. What the
-    formula leaves out is the rotary cos/sin (2 x head_dim per position, shared by the batch): < 0.6% here."""
+    formula leaves out is the rotary cos/sin (2 x head_dim per position, shared by the batch): < 0.7% here. With
+    LoRA's adapters on the default projections (without dropout) too."""
     from transformers import AutoModelForCausalLM
 
     from learner import grpo
+    from learner import lora as adapters
 
     net = AutoModelForCausalLM.from_pretrained(tiny_model) if model == "tiny" else _gqa_model()
-    net = net.to(dtype).train()
+    net = net.to(dtype)
     if checkpointing:
         net.gradient_checkpointing_enable()
+    if lora:
+        net = adapters.wrap(net, lora, seed=0)
+    net.train()
     c = net.config
     shape = memory.ModelShape(c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads,
                               c.hidden_size // c.num_attention_heads, c.intermediate_size, c.vocab_size,
@@ -151,8 +161,27 @@ def test_activation_formula_matches_what_autograd_keeps(tiny_model, model, dtype
         logits = net(input_ids=ids, attention_mask=mask, use_cache=False).logits
         grpo.token_logprobs(logits, ids)
     d = 2 if dtype == torch.bfloat16 else 4
-    estimate = memory.saved_activation_bytes(shape, d, b, s, s, checkpointing)
+    estimate = memory.saved_activation_bytes(shape, d, b, s, s, checkpointing, lora)
     assert sum(saved.values()) == pytest.approx(estimate, rel=0.01)
+
+
+@pytest.mark.parametrize("model", ["tiny", "gqa"])
+@pytest.mark.parametrize("targets", [None, ["q_proj", "v_proj", "down_proj"]])
+def test_adapter_parameters_are_what_peft_trains(tiny_model, model, targets):
+    """The plan's count of LoRA's trained parameters is peft's, on the tiny model (one key/value head, tied
+    embeddings) and a grouped-query one (k_proj and v_proj narrower than q_proj)."""
+    from transformers import AutoModelForCausalLM
+
+    from learner import lora
+
+    net = AutoModelForCausalLM.from_pretrained(tiny_model) if model == "tiny" else _gqa_model()
+    shape = memory.model_shape(str(tiny_model)) if model == "tiny" else memory.ModelShape(128, 2, 4, 2, 32, 256,
+                                                                                           300, False)
+    cfg = LoraConfig(r=8, **({"target_modules": targets} if targets else {}))
+    trained, total = lora.wrap(net, cfg, seed=0).get_nb_trainable_parameters()
+    assert (shape.adapter_params(cfg), shape.params) == (trained, total - trained)
+    with pytest.raises(ConfigError, match="learner.lora.target_modules: .* not qkv"):
+        shape.adapter_params(LoraConfig(target_modules=["qkv"]))
 
 
 @pytest.mark.parametrize("name,nodes", SIZE_CONFIGS.items())
@@ -180,6 +209,16 @@ def test_the_14b_learner_needs_its_optimizer_offloaded():
     assert p.problems == [f"learner rank: needs {need:.1f} GiB per GPU, a GPU has 79 (ray.cluster.gpu_memory_gib): "
                           f"{need - 79:.1f} GiB short (learner rank 0 on node 0 GPU 0; learner rank 1 on node 0 "
                           "GPU 1; ...)"]
+
+
+def test_with_lora_the_14b_learner_fits_without_offload():
+    """The option qwen2.5-14b.yaml documents: the frozen weights partitioned, the adapters' optimizer on the GPUs,
+    no reference copy; full fine-tuning needs its optimizer offloaded (above)."""
+    lora = ["learner.lora.r=64", "learner.lora.alpha=128", "learner.offload_optimizer=false", "learner.lr=5e-6"]
+    p = plan.make_plan(load_config(ROOT / "cluster/configs/qwen2.5-14b.yaml", lora))
+    assert p.problems == [] and _cpu(p.learner) == 0 and _gpu(p.learner) < 56 * GIB
+    names = [part.what for part in p.learner]
+    assert "frozen weights, bf16 (1/8)" in names and not any(n.startswith("reference") for n in names)
 
 
 @pytest.mark.parametrize("overrides,needle", [

@@ -3,7 +3,9 @@
 Real Ray, real vLLM, real DeepSpeed, both transports, and a tensor-parallel engine (two ranks, each a process of
 vLLM's multiprocess executor, each loading its shard). The learner is moved away from the engine's weights by one
 training step with a large learning rate, so a stale engine (or a stale tied lm_head, or a stale prefix cache, or a
-rank left behind) shows.
+rank left behind) shows. With LoRA the learner's model is the base with its adapters, and the engine must sample
+their merge, not the base: the adapters' most common silent failure elsewhere (verl #3821, ms-swift #9855, unsloth
+#8701) is an engine that keeps sampling the base after a "sync", the reward flat and nothing erroring.
 """
 
 import numpy as np
@@ -41,11 +43,14 @@ def workers(ray_local, tiny_model):
         ray_local.kill(w)
 
 
-@pytest.mark.parametrize("transport,zero,tp", [("object_store", 2, 1), ("collective", 3, 1), ("object_store", 2, 2)])
-def test_logprobs_match_after_sync(ray_local, tiny_model, workers, transport, zero, tp):
+@pytest.mark.parametrize("transport,zero,tp,lora", [
+    ("object_store", 2, 1, False), ("collective", 3, 1, False), ("object_store", 2, 2, False),
+    ("object_store", 2, 1, True), ("collective", 3, 1, True)])
+def test_logprobs_match_after_sync(ray_local, tiny_model, workers, transport, zero, tp, lora):
     worker = workers(tp)
     cfg = make_cfg(tiny_model, f"sync.transport={transport}", f"learner.zero_stage={zero}", "learner.lr=0.01",
-                   "grpo.normalize_std=false", "rollout.prompts_per_step=8", f"rollout.tensor_parallel_size={tp}")
+                   "grpo.normalize_std=false", "rollout.prompts_per_step=8", f"rollout.tensor_parallel_size={tp}",
+                   *(["learner.lora.r=8"] if lora else []))
     learner = ray_local.remote(Learner).options(num_cpus=0.5).remote(cfg.learner_job(), 0, 1, "127.0.0.1", None, None)
     sync = weight_sync.make(transport, 120)
     actors.wait(sync.setup([learner], [worker]), 120, "join")
@@ -64,4 +69,6 @@ def test_logprobs_match_after_sync(ray_local, tiny_model, workers, transport, ze
     fresh = ray_local.get(worker.generate.remote(sampler.step(1, 8)), timeout=120)
     assert int(fresh.policy_version[0]) == 1
     assert _masked_gap(fresh, ray_local.get(learner.sequence_logprobs.remote(fresh), timeout=120)) < 1e-4
+    if lora:  # ...the learner's merged model, which is not the base (its adapters off: the KL's reference)
+        assert _masked_gap(fresh, ray_local.get(learner.sequence_logprobs.remote(fresh, True), timeout=120)) > 1e-3
     ray_local.kill(learner)
