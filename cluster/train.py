@@ -203,6 +203,7 @@ class Driver:
         self.t0 = time.perf_counter()
         self.final_forecasts: dict = {}
         self.version = 0
+        self.trained = 0  # steps the learner has trained: the version of the weights a worker replaced now gets
         self.last_checkpoint: str | None = None
         self.dropped: dict[str, int] = {}
 
@@ -328,15 +329,19 @@ class Driver:
         """The eval set `name` scored on sampled forecasts from every worker's copy of the policy, with the task's
         tools or without. The questions go out `run.eval_batch_questions` at a time, one batch in flight per worker
         (a worker that returns one is sent the next), each awaited for at most `timeouts.generate_s`: an evaluation
-        takes as long as its work needs, and its progress shows. The final one also writes the set's predictions
-        (`eval_predictions_<set>.parquet`) and keeps the forecasts for the reliability diagram."""
+        takes as long as its work needs, and its progress shows. A worker that dies is restarted by Ray, given the
+        learner's weights (as in training), and asked its batch again, counted (`batches_asked_again`). The final
+        one also writes the set's predictions (`eval_predictions_<set>.parquet`) and keeps the forecasts for the
+        reliability diagram."""
         import ray
+        from ray.exceptions import RayActorError
 
         from cluster import actors
 
         cfg, size, n = self.cfg, self.cfg.run.eval_batch_questions, self.cfg.run.eval_samples
         todo = list(range(0, len(questions), size))[::-1]  # each batch's first question, taken from the end
         parts, running = {}, {}  # first question -> its Samples; ref -> (worker, first question, deadline)
+        again = 0
         progress = evaluate.Progress(name, len(questions), n, cfg.run.progress)
 
         def send(w: int) -> None:
@@ -355,8 +360,19 @@ class Driver:
                                        f"for rollout worker {w} to evaluate questions {i + 1}-"
                                        f"{min(i + size, len(questions))} of the {name!r} set")
             w, i, _ = running.pop(done[0])
-            parts[i] = actors.wait([(f"rollout worker {w}", done[0])], cfg.timeouts.generate_s, "evaluate")[0]
-            progress.update(parts[i])
+            try:
+                parts[i] = actors.wait([(f"rollout worker {w}", done[0])], cfg.timeouts.generate_s, "evaluate",
+                                       reraise_death=True)[0]
+                progress.update(parts[i])
+            except RayActorError as e:
+                if cfg.rollout.max_restarts == 0:
+                    raise actors.RoleError(f"rollout worker {w} died while the job waited to evaluate: "
+                                           f"{actors._cause(e)}") from None
+                again += 1
+                print(f"rollout worker {w} died evaluating questions {i + 1}-{min(i + size, len(questions))} of the "
+                      f"{name!r} set: asking them again", file=sys.stderr, flush=True)
+                self.replace_worker(w, self.trained)
+                todo.append(i)  # the next one it is sent
             send(w)
         questions, samples, skipped = evaluate.Samples.concat([parts[i] for i in sorted(parts)]).split(questions)
         progress.close(skipped, cfg.rollout.max_model_len)
@@ -367,10 +383,12 @@ class Driver:
                 self.final_forecasts[name] = (evaluate.point_forecasts(samples.forecasts)[0],
                                               evaluate.truth(questions))
         if cfg.task.source == "parquet":  # real questions: scored as a forecaster, beside the baselines
-            return evaluate.heldout_summary(questions, samples, self.constant, cfg.task.reward, cfg.task.clip_eps,
-                                            skipped, seed=cfg.run.seed)
-        return evaluate.summarize(questions, samples.forecasts, cfg.task.reward, cfg.task.clip_eps,
-                                  cfg.task.format_penalty, skipped, samples.ends)
+            out = evaluate.heldout_summary(questions, samples, self.constant, cfg.task.reward, cfg.task.clip_eps,
+                                           skipped, seed=cfg.run.seed)
+        else:
+            out = evaluate.summarize(questions, samples.forecasts, cfg.task.reward, cfg.task.clip_eps,
+                                     cfg.task.format_penalty, skipped, samples.ends)
+        return {**out, "batches_asked_again": again}
 
     def _eval_sets(self, train: int) -> dict:
         """name -> (questions, with tools): for synthetic families their training and held-out parameters, for real
@@ -425,6 +443,7 @@ class Driver:
             first = state["step"]
             print(f"resumed from {self.storage.path(resume_from)}: step {first}, policy version {self.version}",
                   flush=True)
+        self.trained = first
         summary: dict = {"run_dir": self.storage.uri, "reference_levels": levels.as_dict() if levels else None}
         resumed_evals = state.get("eval_before")  # a resumed run has them in its checkpoint and metrics.jsonl
         summary["eval_before"] = resumed_evals or {name: self.evaluate(name, qs, tools)
@@ -446,6 +465,7 @@ class Driver:
             pending = self.launch(sampler, step + 1) if cfg.sync.overlap and step + 1 < cfg.run.steps else None
             m = actors.wait([(f"learner rank {r}", lr.train_step.remote(*batches))
                              for r, lr in enumerate(self.learners)], to.train_s + to.generate_s, "train")[0]
+            self.trained = step + 1
             # an empty batch (every trajectory dropped: the learner skipped the step) has no sequence to say which
             # weights sampled it: the driver's current ones
             version = m.pop("sampler_policy_version", self.version)

@@ -80,3 +80,78 @@ def test_the_demo_builds_what_the_job_did_not_bring(tmp_path):
     dice = load_config(DICE, [f"model.path={tmp_path / 'nothing'}"])
     build_missing(dice)  # builds nothing it was not asked to
     assert not (tmp_path / "nothing").exists()
+
+
+def test_a_worker_that_dies_during_an_evaluation_is_replaced_and_asked_its_batch_again(monkeypatch, tmp_path):
+    """Batched evaluation, one call in flight per worker (no Ray: its waits recorded): the first batch's worker dies,
+    is given the learner's weights as a replaced worker is in training (their version the learner's step), and asked
+    that batch again; every question is scored once, and the batch asked again is counted. Without restarts
+    (rollout.max_restarts 0) it ends the job, naming the worker."""
+    import numpy as np
+    import pytest
+    import ray
+    from ray.exceptions import RayActorError
+
+    from cluster import actors
+    from learner.storage import RunStorage
+    from rollout import synthetic
+    from rollout.evaluate import Samples
+
+    questions = synthetic.questions(["dice"])[:6]
+    sent, broadcast = [], []
+
+    class Sync:
+        def broadcast(self, learners, workers, version):
+            broadcast.append((workers, version))
+            return []
+
+    class Method:
+        def __init__(self, reply):
+            self.remote = reply
+
+    class Worker:
+        def __init__(self, index):
+            self.ready = Method(lambda: None)
+            self.forecasts = Method(lambda qs, n, tools: self.ask(index, qs, n))
+
+        @staticmethod
+        def ask(index, qs, n):
+            sent.append((index, [q.id for q in qs]))
+            return Ref(len(sent) - 1, qs, n)
+
+    class Ref:
+        """An object reference's stand-in: which call, and what it asked."""
+
+        def __init__(self, call, qs, n):
+            self.call, self.qs, self.n = call, qs, n
+
+    def answer(ref):
+        call, qs, n = ref.call, ref.qs, ref.n
+        if call == 0:  # the first call's worker dies under it
+            raise RayActorError()
+        return Samples(np.array([[q.p_true] * n for q in qs]), [["t"] * n for _ in qs], [["answer"] * n for _ in qs],
+                       np.ones(len(qs), dtype=bool))
+
+    monkeypatch.setattr(ray, "wait", lambda refs, num_returns, timeout: (refs[:1], refs[1:]))
+    monkeypatch.setattr(actors, "wait", lambda named, timeout_s, what, reraise_death=False:
+                        [answer(named[0][1])] if what == "evaluate" else [])
+    monkeypatch.setattr(actors, "wait_restarted", lambda *a: None)
+
+    def driver(*sets):
+        d = Driver(load_config(DICE, ["run.eval_batch_questions=2", "run.eval_samples=3", "run.progress=false",
+                                      "rollout.num_workers=2", *sets]), RunStorage(str(tmp_path)), StopRequest())
+        d.workers, d.learners, d.sync, d.tool_url = [Worker(0), Worker(1)], [], Sync(), None
+        d.version = d.trained = 4
+        return d
+
+    d = driver()
+    d.trained = 5  # the learner is a step ahead of the weights the workers hold (sync.every > 1)
+    out = d.evaluate("train", questions, tools=False)
+    ids = [q.id for q in questions]
+    assert sent == [(0, ids[0:2]), (1, ids[2:4]), (0, ids[0:2]), (1, ids[4:6])]  # the lost batch first, again
+    assert broadcast == [([d.workers[0]], 5)]  # the replaced worker gets the learner's weights, as their version
+    assert out["batches_asked_again"] == 1
+    assert out["skill"] == pytest.approx(1.0)  # every question scored once, on p* itself
+    sent.clear()
+    with pytest.raises(actors.RoleError, match="rollout worker 0 died while the job waited to evaluate"):
+        driver("rollout.max_restarts=0").evaluate("train", questions, tools=False)

@@ -3,6 +3,7 @@ well under a second: answers shared within a batch are counted apart from the se
 `rollout.deterministic_turns` the engine sees the same requests in the same order whatever the tools' latency."""
 
 import datetime as dt
+import re
 import time
 
 import numpy as np
@@ -143,3 +144,101 @@ def test_deterministic_turns_give_the_engine_one_order_whatever_the_latency(serv
     # numbers; deterministic: the same requests at the same engine steps, and the same conversations
     assert runs[False, "Player 20"] != runs[False, "Player 21"]
     assert runs[True, "Player 20"] == runs[True, "Player 21"]
+
+
+class ScriptedModel:
+    """A `TurnEngine` stand-in in the tiny model's own tokens, for a real `RolloutWorker`: a forecaster that reasons,
+    searches the wiki for the player in its question, reads the news about them, then reasons to an answer. Each turn
+    is what follows the last tool result in the conversation so far (counted by its tool turns)."""
+
+    def __init__(self, llm, tokenizer, end_ids):
+        from rollout.chat_format import ChatFormat
+
+        self.tok, self.end = tokenizer, end_ids[0]
+        self.fmt = ChatFormat(tokenizer, ["wiki", "wiki_search", "news"])
+        self.running: dict[str, list[int]] = {}
+        self.submitted = 0
+
+    def submit(self, prompt, *, max_tokens, temperature, top_p, pattern=None) -> str:
+        rid, self.submitted = f"turn-{self.submitted}", self.submitted + 1
+        self.running[rid] = prompt
+        return rid
+
+    def busy(self) -> bool:
+        return bool(self.running)
+
+    def turn(self, prompt: list[int]) -> str:
+        text = self.tok.decode(prompt)
+        player = re.search(r"Player \d+", text).group(0)
+        script = [f"I should find the page of {player} first.\n" + self.fmt.call_text("wiki_search", {"query": player}),
+                  "And whether anything changed lately.\n" + self.fmt.call_text("news", {"query": player}),
+                  "The page gives the winning faces; allowing for a change, about three in ten.\n<answer>0.3</answer>"]
+        return script[text.count("<tool_response>")]
+
+    def step(self) -> list:
+        done = []
+        for rid, prompt in self.running.items():
+            raw = self.turn(prompt)
+            ids = self.tok(raw, add_special_tokens=False).input_ids + [self.end]
+            done.append((rid, Sample(ids, np.full(len(ids), -0.1, np.float32), raw, False, raw)))
+        self.running = {}
+        return done
+
+    def abort(self, rids) -> None:
+        for rid in rids:
+            self.running.pop(rid, None)
+
+
+def test_a_worker_reasoning_with_search_and_news(monkeypatch, tmp_path, tiny_model, tool_world_files):
+    """What the GPU configs run (task.reasoning with tools), with `wiki_search` and `news`, through a real
+    `RolloutWorker` (its chat format, prompts, tool runner, scoring), the real tool service on the tool world, and a
+    scripted model in place of vLLM: every call is answered with what stood on the question's date, and the answer
+    after the reasoning is the forecast, in training and in evaluation."""
+    from rollout import engine, prompts, synthetic, tool_world
+    from rollout.worker import RolloutWorker
+    from tests.conftest import make_cfg
+    from tools.service import serve_in_thread
+
+    cfg = make_cfg(tiny_model, "task.families=[tool_world]", "task.tools=[wiki,wiki_search,news]",
+                   "task.reasoning=true", "rollout.group_size=2", "rollout.max_turns=3", "rollout.max_tool_calls=2",
+                   "rollout.max_new_tokens=128", "rollout.max_trajectory_tokens=1024", "rollout.max_model_len=2048",
+                   f"tools.wiki.snapshot={tool_world_files / 'wiki.parquet'}", "tools.wiki.offline=true",
+                   f"tools.wiki.cache={tmp_path / 'cache.sqlite'}", f"tools.wiki.tokenizer={tiny_model}",
+                   f"tools.news.corpus={tool_world_files / 'news.parquet'}")
+    players = {p.name: p for split in tool_world.players().values() for p in split}
+    # questions asked within the news window of the rule then in force: the news has something to say
+    asked = [q for q in synthetic.questions(["tool_world"], "train")
+             if (q.as_of - players[re.search(r"Player \d+", q.text).group(0)].rule_on(q.as_of).since).days < 20][:3]
+    assert len(asked) == 3
+    monkeypatch.setattr(engine, "configure_env", lambda *a, **k: None)  # no engine: no vLLM settings for this process
+    monkeypatch.setattr(engine, "make_engine", lambda *a, **k: None)
+    monkeypatch.setattr(engine, "TurnEngine", ScriptedModel)
+    service = serve_in_thread(cfg.tools)
+    worker = RolloutWorker(cfg.rollout_job(), tool_url=service.url)
+    try:
+        b = worker.generate([Instance(q, q.p_true, g) for g, q in enumerate(asked)])
+        evaluated = worker.forecasts(asked, 2)
+    finally:
+        worker._rollout.runner.close()
+        service.stop()
+    assert b.num_sequences == 6 and set(b.end_reason) == {"answer"}
+    assert (b.turns == 3).all() and (b.tool_calls == 2).all() and b.tool_errors.sum() == 0
+    assert b.leak_violations.sum() == 0
+    assert np.all(b.forecasts == np.float32(0.3))  # the last answer tag after the reasoning (strict: none)
+    assert np.array_equal(evaluated.forecasts, np.full((3, 2), 0.3))
+    tok = worker.tokenizer
+    for i in range(b.num_sequences):
+        q = asked[b.group_ids[i]]
+        player = players[re.search(r"Player \d+", q.text).group(0)]
+        rule = player.rule_on(q.as_of)
+        seq, plen = b.tokens[b.sequence(i)], b.prompt_lens[i]
+        prompt = tok.decode(seq[:plen])
+        assert prompts.REASONING_INSTRUCTION in prompt and prompts.TOOLS_INSTRUCTION in prompt
+        tools = prompt.split("<tools>")[1].split("</tools>")[0]  # the tiny template's layout: name(arguments): ...
+        assert [line.split("(")[0] for line in tools.strip().splitlines()] == ["wiki", "wiki_search", "news"]
+        shown = tok.decode([t for t, m in zip(seq[plen:], b.loss_mask[b.sequence(i)][plen:]) if not m])
+        # the search found the page as it stood on the date, and the news the item of the rule then in force
+        assert f"- {player.name}: " in shown and f"{rule.wins} of which win" in shown, shown
+        assert f"{rule.since.isoformat()} {player.name}" in shown, shown
+        later = [r for r in player.rules if r.since > q.as_of]
+        assert not any(f"{r.since.isoformat()} {player.name}" in shown for r in later)

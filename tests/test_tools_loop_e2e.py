@@ -4,6 +4,7 @@ fake of the MediaWiki API; and `forecast-grpo eval --tools on`."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -129,23 +130,37 @@ def test_forecastbench_questions_with_the_wiki_tool(tmp_path, tiny_model):
     assert shown > 0  # and honest pages were shown
 
 
-def test_eval_with_tools_on_and_off(tmp_path, tiny_model, tool_world_files):
-    from rollout import synthetic
+def test_eval_with_tools_on_and_off(tmp_path, tiny_model):
+    """`forecast-grpo eval --tools on` has the model call the wiki: its calls go through the service the command
+    starts to a fake of the MediaWiki API holding the tool world's pages, which is asked for the players in the
+    questions; `--tools off` asks it nothing."""
+    from rollout import synthetic, tool_world
 
     qs = synthetic.questions(["tool_world"], "heldout")[:6]
     data = tmp_path / "tw.parquet"
     qio.write_parquet(qs, data)
-    out = {}
-    for tools in ("on", "off"):
-        res = subprocess.run([sys.executable, "-m", "cluster.cli", "eval", "--model", str(tiny_model), "--data",
-                              str(data), "--samples", "2", "--tools", tools, "--config", DEMO, "-o",
-                              str(tmp_path / tools), "--set", f"tools.wiki.cache={tmp_path / 'c.sqlite'}",
-                              "--set", f"tools.wiki.snapshot={tool_world_files / 'wiki.parquet'}",
-                              "--set", f"tools.wiki.tokenizer={tiny_model}"],
-                             cwd=ROOT, capture_output=True, text=True, timeout=600)
-        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-        out[tools] = json.loads((tmp_path / tools / "summary.json").read_text())
-        assert ("tool service answers at" in res.stdout) == (tools == "on")
+    pages = {}
+    for title, revid, timestamp, wikitext in tool_world.revisions():
+        pages.setdefault(title, []).append({"revid": revid, "timestamp": timestamp, "content": wikitext})
+    out, asked = {}, {}
+    with FakeMediaWiki({"pages": pages}) as wiki:
+        for tools in ("on", "off"):
+            n = len(wiki.requests)
+            res = subprocess.run([sys.executable, "-m", "cluster.cli", "eval", "--model", str(tiny_model), "--data",
+                                  str(data), "--samples", "2", "--tools", tools, "--config", DEMO, "-o",
+                                  str(tmp_path / tools), "--set", f"tools.wiki.cache={tmp_path / 'c.sqlite'}",
+                                  "--set", "tools.wiki.snapshot=null", "--set", "tools.wiki.offline=false",
+                                  "--set", f"tools.wiki.endpoint={wiki.url}",
+                                  "--set", "tools.wiki.contact=tests@example.org",
+                                  "--set", f"tools.wiki.tokenizer={tiny_model}"],
+                                 cwd=ROOT, capture_output=True, text=True, timeout=600)
+            assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+            out[tools] = json.loads((tmp_path / tools / "summary.json").read_text())
+            asked[tools] = {r["params"].get("titles") for r in wiki.requests[n:]} - {None}
+            assert ("tool service answers at" in res.stdout) == (tools == "on")
     assert out["on"]["sampling"]["tools"] == ["wiki"] and out["off"]["sampling"]["tools"] == []
     for s in out.values():
         assert s["forecasters"]["model"]["questions"] == 6
+    players = {re.search(r"Player \d+", q.text).group(0) for q in qs}
+    assert asked["on"] & players, asked["on"]  # the model looked its players up
+    assert asked["off"] == set()

@@ -4,7 +4,11 @@ served offline, and a dead, slow or garbled service as a tool error."""
 import ast
 import asyncio
 import datetime as dt
+import os
+import signal
 import socketserver
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -266,3 +270,55 @@ def test_tools_is_a_leaf():
             elif isinstance(node, ast.ImportFrom) and node.module:
                 imported.add(node.module.split(".")[0])
     assert not imported & {"rollout", "learner", "cluster"}
+
+
+def _serve_process(fake, cache) -> tuple[subprocess.Popen, str]:
+    """`forecast-grpo wiki serve` in a process of its own (the service a job restarts: the same class, the same cache
+    file), and its URL."""
+    proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "wiki", "serve", "--port", "0", "--endpoint",
+                             fake.url, "--cache", str(cache)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    line = proc.stdout.readline()
+    assert line.startswith("serving on http://"), line + proc.stderr.read()
+    return proc, line.split()[2]
+
+
+def test_a_killed_service_fails_its_waiting_calls_and_restarts_on_the_cache_it_had(fake, tmp_path):
+    """SIGKILL, as when a job's service actor dies: a call waiting on it is answered at once with a tool error (not
+    after the client's timeout), and a service started again on the same cache file answers a page fetched before
+    the kill from that cache, asking the upstream nothing."""
+    from rollout import tool_calls
+    from rollout.multiturn import ToolRunner
+
+    cache = tmp_path / "cache.sqlite"
+    proc, url = _serve_process(fake, cache)
+    runner = ToolRunner(url, timeout_s=30)
+    try:
+        (before,) = call(url, lambda c: c.revision("Bitcoin", D(2018, 1, 1)))
+        assert before["cache"] == "miss" and len(fake.requests) > 0  # fetched from the upstream
+        fake.inject("sleep", seconds=4)  # the next upstream request hangs: a call waits on the service
+        task = runner.submit([tool_calls.Call("wiki", {"title": "Paris"})], D(2020, 1, 1), ["wiki"])
+        deadline = time.monotonic() + 10
+        while fake.in_flight == 0:
+            assert time.monotonic() < deadline, "the call never reached the service's upstream"
+            runner.wait([task], timeout=0.05)
+        proc.kill()
+        proc.wait(timeout=10)
+        t0 = time.monotonic()
+        runner.wait([task], timeout=20)
+        assert task.done() and time.monotonic() - t0 < 5
+        (result,) = task.result()
+        assert result.error == "unavailable" and result.content.startswith("error (unavailable)")
+    finally:
+        runner.close()
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=10)
+    asked = len(fake.requests)
+    proc, url = _serve_process(fake, cache)
+    try:
+        (after,) = call(url, lambda c: c.revision("Bitcoin", D(2018, 1, 1)))
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=20)
+    assert after == {**before, "cache": "hit"} and len(fake.requests) == asked
