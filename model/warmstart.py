@@ -9,10 +9,10 @@ What it trains on (`warmstart:` in the job config, `model/config.py`):
 - the job's own training questions (`rollout.task.load_pool(cfg.task)`, never the evaluation ones), rendered as the
   rollout renders them: `prompts.user_message` in the model's own chat template (`ChatFormat`, so
   `model.chat_template` and `model.tool_prompt` apply), with the tools' schemas where the task has tools;
-- targets `<answer>p</answer>` with p drawn uniformly from 0.01 ... 0.99, independent of the question
-  (`draw_forecast`): the answers carry no information about the truth, so whatever skill the model shows after GRPO
-  is GRPO's. (With `task.reasoning` the target is still the bare answer, which parses there too: the warm start
-  teaches where the answer goes, not how to reason.);
+- targets `<answer>p</answer>` with p drawn uniformly from 0.01 ... 0.99, independent of the question, or around a
+  belief the question's text hashes to (`warmstart.forecasts`, `draw_forecast`): the answers carry no information
+  about the truth, so whatever skill the model shows after GRPO is GRPO's. (With `task.reasoning` the target is
+  still the bare answer, which parses there too: the warm start teaches where the answer goes, not how to reason.);
 - with tools, a share of the examples (`warmstart.tool_call_rate`) first calls a tool in the model's own call format
   (`ChatFormat.call_text`, read back by the model's tool parser before it is used), gets a real answer from the tool
   service (started in this process from the job's `tools:` section, run as of the question's date by
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import hashlib
 import json
 import random
 import re
@@ -68,9 +69,14 @@ class WarmstartError(ValueError):
     """A warm start that cannot be done as configured; the message names the key and the reason."""
 
 
-def draw_forecast(rng: random.Random) -> float:
-    """A target forecast: uniform over 0.01 ... 0.99 in steps of 0.01, whatever the question (no information)."""
-    return rng.randint(1, 99) / 100
+def draw_forecast(q: Question, rng: random.Random, ws) -> float:
+    """A target forecast in 0.01 ... 0.99 (steps of 0.01), never informed by the truth (`warmstart.forecasts`):
+    uniform whatever the question, or the question's own opinion (`opinion`) give or take `opinion_spread`."""
+    if ws.forecasts == "uniform":
+        return rng.randint(1, 99) / 100
+    key = hashlib.sha256(f"{ws.seed}/{q.text}".encode()).digest()
+    belief = 0.05 + 0.9 * int.from_bytes(key[:4], "big") / 2**32
+    return min(99, max(1, round(100 * (belief + rng.uniform(-ws.opinion_spread, ws.opinion_spread))))) / 100
 
 
 def guess_title(text: str) -> str | None:
@@ -126,7 +132,7 @@ def make_examples(cfg, fmt: ChatFormat, pool: list[Question], n: int, rng: rando
     plans = []  # everything drawn first, so the calls can all run at once
     for _ in range(n):
         q = rng.choice(pool)
-        forecast = draw_forecast(rng)
+        forecast = draw_forecast(q, rng, cfg.warmstart)
         call = guess_call(q, fmt, rng) if tools and rng.random() < cfg.warmstart.tool_call_rate else None
         plans.append((q, forecast, call))
     results = iter(_run_calls(cfg, fmt, [(q, call) for q, _, call in plans if call is not None]))

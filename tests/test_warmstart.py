@@ -54,6 +54,23 @@ def test_warm_start_teaches_the_format_and_runs_once(dice_cfg, smollm2):
     assert "nothing to do" in said[0]
 
 
+def test_opinions_answer_the_question_and_know_nothing_of_the_truth(smollm2):
+    """warmstart.forecasts: opinion: each question gets its own belief (answers within the spread of it, the same
+    belief whenever it is asked), a hash of its text: across questions unrelated to p*."""
+    cfg = make_cfg(smollm2, "task.families=[dice_sizes]", "warmstart.forecasts=opinion")
+    fmt = ChatFormat.for_model(cfg.model, [])
+    examples, _ = warmstart.make_examples(cfg, fmt, load_pool(cfg.task), 3000, random.Random(0))
+    by_q: dict[str, list[float]] = {}
+    for e in examples:
+        by_q.setdefault(e.question.id, []).append(e.forecast)
+    spread = cfg.warmstart.opinion_spread
+    assert all(max(f) - min(f) <= 2 * spread + 0.011 for f in by_q.values())
+    centres = {q: np.mean(f) for q, f in by_q.items() if len(f) >= 10}
+    assert np.std(list(centres.values())) > 0.15  # the opinions differ from question to question
+    truth = {e.question.id: e.question.p_true for e in examples}
+    assert abs(np.corrcoef(list(centres.values()), [truth[q] for q in centres])[0, 1]) < 0.3  # ~100 questions
+
+
 def test_targets_carry_no_information(smollm2):
     cfg = make_cfg(smollm2, "task.families=[dice]")
     fmt = ChatFormat.for_model(cfg.model, [])
