@@ -48,6 +48,7 @@ Learner rank (DeepSpeed, model dtype of d bytes, R = learner.world_size ranks):
   4h + 4); each adapter keeps its A x (d·r per token) and, with lora.dropout > 0, the dropped-out input and the mask
   of GPUs' fused dropout ((d + 1) per input feature; CPUs keep the mask in the model's dtype). The adapters' inputs
   are the projections' inputs already counted, so with fewer target_modules than the default this is an upper bound.
+  At ZeRO-3, DeepSpeed's replacement of F.linear also keeps frozen layers' inputs: a few % more (3% on the tiny model).
 
 Rollout worker (vLLM): it claims rollout.gpu_memory_utilization of each of its T = tensor_parallel_size GPUs; its
 weights (1/T of them), the CUDA context and its profiling pass come out of that, and the rest is KV cache
