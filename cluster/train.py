@@ -515,7 +515,10 @@ class Driver:
         bar.close()
         self.wait_broadcast(syncing)
         summary["train_wall_s"] = time.perf_counter() - t_train
-        summary["checkpoint"] = self.storage.path(self.save(done, state, pending, log))
+        # A resumed run that trained nothing ends on the checkpoint it resumed from: saving that step again would
+        # delete it first, under the saved batch its learner has yet to read.
+        final = resume_from if resume_from and done == first else self.save(done, state, pending, log)
+        summary["checkpoint"] = self.storage.path(final)
         if self.version != done and not self.stop.requested:  # make the final weights the ones evaluated
             self.version = done
             actors.wait(self.sync.broadcast(self.learners, self.workers, done), to.sync_s, "broadcast weights")
