@@ -29,14 +29,17 @@ class WarmstartConfig(Strict):
     lr: float = Field(5e-5, gt=0)
     """AdamW's learning rate, constant. SmolLM2-135M on dice learns the format in a few steps at 5e-5 or 1e-4: 6 steps
     of 4 took it from 0 to 8 of 8 sampled answers in format, at either rate and for every seed tried."""
-    forecasts: Literal["uniform", "opinion"] = "uniform"
+    forecasts: Literal["uniform", "opinion", "base_rate"] = "uniform"
     """The forecasts in the targets, never informed by the truth. uniform: drawn afresh for every example. opinion: a
     belief per question, a keyed hash of its text (the same whenever it is asked, unrelated to the truth), answered
     within +- `opinion_spread` of it: the model learns to answer *the question*, as a pretrained model has an opinion
     about each; with uniform targets the answer may come to ignore the question, and GRPO then has to teach it to
-    look (model/tiny.py found this for the tiny model)."""
+    look (model/tiny.py found this for the tiny model). base_rate: the training questions' mean target (market
+    probability, else p*) for every question, give or take `opinion_spread`: nothing about any one question, but GRPO
+    starts at the best constant instead of spending its first steps finding it (on ForecastBench, where most
+    markets sit below 0.3, uniform answers start at a mean of 0.5)."""
     opinion_spread: float = Field(0.15, ge=0.0, le=0.5)
-    """With `forecasts: opinion`: the half-width of the answers around a question's belief."""
+    """With `forecasts: opinion` or `base_rate`: the half-width of the answers around the belief."""
     seed: int = 0
     """Seeds the questions, the forecasts, which examples call a tool, the measured samples and torch."""
     tool_call_rate: float = Field(0.7, ge=0.0, le=1.0)

@@ -9,9 +9,10 @@ What it trains on (`warmstart:` in the job config, `model/config.py`):
 - the job's own training questions (`rollout.task.load_pool(cfg.task)`, never the evaluation ones), rendered as the
   rollout renders them: `prompts.user_message` in the model's own chat template (`ChatFormat`, so
   `model.chat_template` and `model.tool_prompt` apply), with the tools' schemas where the task has tools;
-- targets `<answer>p</answer>` with p drawn uniformly from 0.01 ... 0.99, independent of the question, or around a
-  belief the question's text hashes to (`warmstart.forecasts`, `draw_forecast`): the answers carry no information
-  about the truth, so whatever skill the model shows after GRPO is GRPO's. (With `task.reasoning` the target is
+- targets `<answer>p</answer>` with p drawn uniformly from 0.01 ... 0.99, independent of the question, around a
+  belief the question's text hashes to, or around the training questions' base rate (`warmstart.forecasts`,
+  `draw_forecast`): the answers carry no information about any one question's truth, so whatever skill the model
+  shows after GRPO is GRPO's. (With `task.reasoning` the target is
   still the bare answer, which parses there too: the warm start teaches where the answer goes, not how to reason.);
 - with tools, a share of the examples (`warmstart.tool_call_rate`) first calls a tool in the model's own call format
   (`ChatFormat.call_text`, read back by the model's tool parser before it is used), gets a real answer from the tool
@@ -37,6 +38,7 @@ import json
 import random
 import re
 import shutil
+import statistics
 import tempfile
 import time
 from collections import Counter
@@ -69,13 +71,22 @@ class WarmstartError(ValueError):
     """A warm start that cannot be done as configured; the message names the key and the reason."""
 
 
-def draw_forecast(q: Question, rng: random.Random, ws) -> float:
-    """A target forecast in 0.01 ... 0.99 (steps of 0.01), never informed by the truth (`warmstart.forecasts`):
-    uniform whatever the question, or the question's own opinion (`opinion`) give or take `opinion_spread`."""
+def base_rate(pool: list[Question]) -> float:
+    """The training questions' mean target: the market's probability where there is one, else the known p*."""
+    return statistics.fmean(q.market_prob if q.market_prob is not None else q.p_true for q in pool)
+
+
+def draw_forecast(q: Question, rng: random.Random, ws, base: float) -> float:
+    """A target forecast in 0.01 ... 0.99 (steps of 0.01), never informed by one question's truth
+    (`warmstart.forecasts`): uniform whatever the question; or the question's own opinion (`opinion`), or the
+    training questions' base rate `base` (`base_rate`), give or take `opinion_spread`."""
     if ws.forecasts == "uniform":
         return rng.randint(1, 99) / 100
-    key = hashlib.sha256(f"{ws.seed}/{q.text}".encode()).digest()
-    belief = 0.05 + 0.9 * int.from_bytes(key[:4], "big") / 2**32
+    if ws.forecasts == "base_rate":
+        belief = base
+    else:
+        key = hashlib.sha256(f"{ws.seed}/{q.text}".encode()).digest()
+        belief = 0.05 + 0.9 * int.from_bytes(key[:4], "big") / 2**32
     return min(99, max(1, round(100 * (belief + rng.uniform(-ws.opinion_spread, ws.opinion_spread))))) / 100
 
 
@@ -129,10 +140,10 @@ def make_examples(cfg, fmt: ChatFormat, pool: list[Question], n: int, rng: rando
     here from `cfg.tools`, stopped before returning). Also returns the calls' errors by kind."""
     tools = bool(fmt.kinds)
     end = fmt.turn_end_id if tools else fmt.end_ids[0]
-    plans = []  # everything drawn first, so the calls can all run at once
+    plans, base = [], base_rate(pool)  # everything drawn first, so the calls can all run at once
     for _ in range(n):
         q = rng.choice(pool)
-        forecast = draw_forecast(q, rng, cfg.warmstart)
+        forecast = draw_forecast(q, rng, cfg.warmstart, base)
         call = guess_call(q, fmt, rng) if tools and rng.random() < cfg.warmstart.tool_call_rate else None
         plans.append((q, forecast, call))
     results = iter(_run_calls(cfg, fmt, [(q, call) for q, _, call in plans if call is not None]))

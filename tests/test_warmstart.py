@@ -71,6 +71,20 @@ def test_opinions_answer_the_question_and_know_nothing_of_the_truth(smollm2):
     assert abs(np.corrcoef(list(centres.values()), [truth[q] for q in centres])[0, 1]) < 0.3  # ~100 questions
 
 
+def test_base_rate_answers_every_question_alike(smollm2):
+    """warmstart.forecasts: base_rate: every answer within the spread of the training questions' mean target, the
+    same centre for every question, so nothing about any one question's truth."""
+    cfg = make_cfg(smollm2, "task.families=[dice_sizes]", "warmstart.forecasts=base_rate",
+                   "warmstart.opinion_spread=0.05")
+    pool = load_pool(cfg.task)
+    examples, _ = warmstart.make_examples(cfg, ChatFormat.for_model(cfg.model, []), pool, 2000, random.Random(0))
+    base = np.mean([q.p_true for q in pool])
+    forecasts = np.array([e.forecast for e in examples])
+    assert np.all(np.abs(forecasts - base) <= 0.05 + 0.006) and abs(forecasts.mean() - base) < 0.01
+    truth = np.array([e.question.p_true for e in examples])
+    assert abs(np.corrcoef(forecasts, truth)[0, 1]) < 0.1
+
+
 def test_targets_carry_no_information(smollm2):
     cfg = make_cfg(smollm2, "task.families=[dice]")
     fmt = ChatFormat.for_model(cfg.model, [])
