@@ -1,7 +1,7 @@
 """Learner tokens/s on a real model, full fine-tuning and LoRA, against a plain PyTorch loop in the same run.
 
     python bench/learner_throughput.py [--model models/smollm2-135m] [--modes full,lora] [--reference both]
-        [--prompts 8] [--group 8] [--completion-tokens 16] [--micro-batch 16] [--lora-r 16] [--zero-stage 2]
+        [--prompts 8] [--group 8] [--completion-tokens 16] [--micro-batch 16] [--lora-r 16] [--zero-stage 0]
         [--repeats 3] [--steps-per-repeat 2] [--threads 2]
 
 The batch, the same TrajectoryBatch for every side: `--prompts` questions of `--families` in the model's chat
@@ -63,7 +63,7 @@ def main():
     ap.add_argument("--completion-tokens", type=int, default=16)
     ap.add_argument("--micro-batch", type=int, default=16, help="sequences per forward/backward, every side")
     ap.add_argument("--lora-r", type=int, default=16)
-    ap.add_argument("--zero-stage", type=int, default=2, help="ours' learner.zero_stage (SmolLM2's configs: 2)")
+    ap.add_argument("--zero-stage", type=int, default=0, help="ours' learner.zero_stage (SmolLM2's configs: 0)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--steps-per-repeat", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
