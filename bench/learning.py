@@ -60,8 +60,14 @@ def run(config: str, minutes: float, sets: list[str], out_dir: str, name: str) -
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "RAY_ADDRESS": ""})
     if res.returncode != 0:
         sys.exit(f"training failed:\n{res.stderr[-4000:]}")
-    summary = json.loads((Path(out_dir) / name / "summary.json").read_text())
+    summary = saved(out_dir, name)
     summary["process_wall_s"] = time.perf_counter() - t0
+    return summary
+
+
+def saved(out_dir: str, name: str) -> dict:
+    """A finished run's summary.json, with its metrics.jsonl rows under "metrics"."""
+    summary = json.loads((Path(out_dir) / name / "summary.json").read_text())
     summary["metrics"] = [json.loads(ln) for ln in (Path(out_dir) / name / "metrics.jsonl").read_text().splitlines()
                           if ln.strip()]
     return summary

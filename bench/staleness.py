@@ -23,7 +23,6 @@ a target skill, `--targets`, on the held-out set), so a setting is not charged f
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -31,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: learning.py beside it
 
-from learning import ROOT, run, warm_start  # noqa: E402
+from learning import ROOT, run, saved, warm_start  # noqa: E402
 
 
 def setting(staleness: int) -> list[str]:
@@ -48,14 +47,6 @@ def time_to_target(summary: dict, split: str, target: float) -> tuple[float | No
             if e["set"] == split and e["skill"] is not None and e["skill"] >= target:
                 return sum(s["step_s"] for s in steps if s["step"] < e["steps"]), e["steps"]
     return None, None
-
-
-def saved(out_dir: str, name: str) -> dict:
-    """A run of an earlier call, as `run` returns it."""
-    summary = json.loads((Path(out_dir) / name / "summary.json").read_text())
-    summary["metrics"] = [json.loads(ln) for ln in (Path(out_dir) / name / "metrics.jsonl").read_text().splitlines()
-                          if ln.strip()]
-    return summary
 
 
 def split_line(summary: dict) -> tuple[str, dict]:
