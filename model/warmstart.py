@@ -12,8 +12,8 @@ What it trains on (`warmstart:` in the job config, `model/config.py`):
 - targets `<answer>p</answer>` with p drawn uniformly from 0.01 ... 0.99, independent of the question, around a
   belief the question's text hashes to, or around the training questions' base rate (`warmstart.forecasts`,
   `draw_forecast`): the answers carry no information about any one question's truth, so whatever skill the model
-  shows after GRPO is GRPO's. (With `task.reasoning` the target is
-  still the bare answer, which parses there too: the warm start teaches where the answer goes, not how to reason.);
+  shows after GRPO is GRPO's. (With `task.reasoning` the target is still the bare answer, which parses there too:
+  the warm start teaches where the answer goes, not how to reason.);
 - with tools, a share of the examples (`warmstart.tool_call_rate`) first calls a tool in the model's own call format
   (`ChatFormat.call_text`, read back by the model's tool parser before it is used), gets a real answer from the tool
   service (started in this process from the job's `tools:` section, run as of the question's date by
@@ -38,7 +38,6 @@ import json
 import random
 import re
 import shutil
-import statistics
 import tempfile
 import time
 from collections import Counter
@@ -46,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from rollout import prompts, tool_calls
+from rollout import evaluate, prompts, tool_calls
 from rollout.chat_format import UNDATED, ChatFormat, ChatFormatError
 from rollout.questions import Question
 from rollout.tool_calls import Call
@@ -71,15 +70,10 @@ class WarmstartError(ValueError):
     """A warm start that cannot be done as configured; the message names the key and the reason."""
 
 
-def base_rate(pool: list[Question]) -> float:
-    """The training questions' mean target: the market's probability where there is one, else the known p*."""
-    return statistics.fmean(q.market_prob if q.market_prob is not None else q.p_true for q in pool)
-
-
-def draw_forecast(q: Question, rng: random.Random, ws, base: float) -> float:
+def draw_forecast(q: Question, rng: random.Random, ws, base: float | None) -> float:
     """A target forecast in 0.01 ... 0.99 (steps of 0.01), never informed by one question's truth
-    (`warmstart.forecasts`): uniform whatever the question; or the question's own opinion (`opinion`), or the
-    training questions' base rate `base` (`base_rate`), give or take `opinion_spread`."""
+    (`warmstart.forecasts`): uniform whatever the question; or the question's own opinion (`opinion`), or `base`,
+    the training questions' best constant (`base_rate`), give or take `opinion_spread`."""
     if ws.forecasts == "uniform":
         return rng.randint(1, 99) / 100
     if ws.forecasts == "base_rate":
@@ -140,7 +134,12 @@ def make_examples(cfg, fmt: ChatFormat, pool: list[Question], n: int, rng: rando
     here from `cfg.tools`, stopped before returning). Also returns the calls' errors by kind."""
     tools = bool(fmt.kinds)
     end = fmt.turn_end_id if tools else fmt.end_ids[0]
-    plans, base = [], base_rate(pool)  # everything drawn first, so the calls can all run at once
+    plans, base = [], None  # everything drawn first, so the calls can all run at once
+    if cfg.warmstart.forecasts == "base_rate":
+        try:  # the constant the held-out evaluation calls the best: the mean market, else the base rate
+            base = evaluate.best_constant(pool)[0]
+        except ValueError as e:
+            raise WarmstartError(f"warmstart.forecasts=base_rate: {e}") from None
     for _ in range(n):
         q = rng.choice(pool)
         forecast = draw_forecast(q, rng, cfg.warmstart, base)
