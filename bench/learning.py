@@ -6,6 +6,8 @@ CE minus the entropy floor and skill before and after, on the training questions
     python bench/learning.py --tools [--minutes 20]        # the tool benefit: the tool world, with and without tools
     python bench/learning.py --model models/smollm2-135m [--tools] [--minutes 60]   # a real pretrained model
     python bench/learning.py --config cluster/configs/smollm2-forecastbench-cpu.yaml   # real questions, held out
+    python bench/learning.py --model models/smollm2-135m --minutes 30 \
+        --compare learner.lora.r=16 --compare learner.lr=2e-4   # full fine-tuning, then LoRA, the same budget
 
 The default family, dice_sizes, trains on 4-, 6-, 8-, 10-, 12- and 20-sided dice and holds out 5, 7, 9 and 11
 sides: the held-out figure says whether the model learned what the number of sides does. `--families dice` is the
@@ -24,6 +26,10 @@ A config on real questions (`task.source: parquet`, e.g. `smollm2-forecastbench-
 constant (the training questions' mean market probability) and the market's floor, and the model's differences from
 each with their 95% bootstrap intervals. `--set model.path=models/tiny --set warmstart.base=null` runs the tiny
 model on the same split, for contrast.
+
+`--compare KEY=VALUE` (repeatable) trains a second run after the first: the same model, warm start and budget with
+these settings on top (e.g. LoRA against full fine-tuning), each reported as its own row, so the two rows come from one
+command on the same machine.
 
 The run is the real job (`python -m cluster.train`: Ray, vLLM, DeepSpeed). It ends with a Markdown table row per run
 (setting, skill train / held-out, CE-floor, steps, wall time) as kept in bench/README.md, and the step's split
@@ -94,6 +100,8 @@ def main():
                     "--model or a config on real questions 60)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--label", default=None, help="the setting's name in the table row (default: the --set list)")
+    ap.add_argument("--compare", action="append", default=[], metavar="KEY=VALUE",
+                    help="then a second run with these settings on top of the first's, the same budget")
     ap.add_argument("--out-dir", default=None, help="keep the run here (default: a temporary folder)")
     args = ap.parse_args()
 
@@ -107,6 +115,7 @@ def main():
     sets = [*([] if real else [f"task.families=[{families}]"]), *args.set, *([f"warmstart.base={args.model}"]
                                                                              if args.model else [])]
     cfg = load_config(config, sets)
+    load_config(config, sets + args.compare)  # a misspelt --compare key fails now, not after the first run
     for path in [cfg.task.data, *cfg.task.eval_data] if real else []:
         if not (ROOT / path).is_file():
             sys.exit(f"{path} is not there: import and split the questions first (README, \"Forecasting data and "
@@ -116,6 +125,8 @@ def main():
     rows = [report(run(config, minutes, sets, out_dir, "learning"), args.label or " ".join(sets))]
     if args.tools:  # the same model and budget, trained and evaluated without the tools
         rows.append(report(run(config, minutes, sets + ["task.tools=[]"], out_dir, "no-tools"), "without tools"))
+    if args.compare:
+        rows.append(report(run(config, minutes, sets + args.compare, out_dir, "compare"), " ".join(args.compare)))
     print("\n".join(rows))
 
 
