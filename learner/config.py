@@ -20,7 +20,10 @@ class GRPOConfig(Strict):
     normalize_std: bool = True
     """Divide advantages by the group's std (DeepSeekMath); off = Dr. GRPO style mean-centring only. With outcome
     rewards turn it off: it scales outcome noise up to full-size advantages and the forecasts become overconfident
-    (ECE 0.25 vs 0.09 in bench/README.md)."""
+    (ECE 0.25 vs 0.09 in bench/README.md). Likewise where the questions' stakes differ (real markets, most near 0,
+    a few high): divided by its own std every group pushes alike whatever it stands to gain, so a constant answer
+    drifts to the targets' median instead of their mean, the cross entropy's optimum (tests/test_grpo_math.py; on
+    ForecastBench's training markets the median is 0.105, the mean 0.24)."""
     format_aware: bool = False
     """Baseline and scale from a group's parseable answers; an unparseable one gets the group's lowest advantage
     minus one unit (see learner/grpo.py)."""

@@ -137,3 +137,25 @@ def test_format_aware_advantages():
     _, zero = grpo.group_advantages(torch.full((4,), -9.21), torch.zeros(4, dtype=torch.long), True,
                                     torch.zeros(4, dtype=torch.bool))
     assert zero.all()
+
+
+def _drift(markets: torch.Tensor, c: float, normalize_std: bool, spread: float = 0.03, group: int = 8) -> float:
+    """E[A * d log pi / dc] for a policy answering c + spread * eps on every question, rewarded -CE(market, answer):
+    the direction GRPO moves a constant answer."""
+    eps = torch.randn(2000, len(markets), group, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    q = (c + spread * eps).clamp(1e-3, 1 - 1e-3)
+    p = markets[None, :, None]
+    rewards = p * q.log() + (1 - p) * (1 - q).log()
+    ids = torch.arange(eps.shape[0] * len(markets)).repeat_interleave(group)
+    adv, _ = grpo.group_advantages(rewards.reshape(-1), ids, normalize_std)
+    return (adv.double().reshape(q.shape) * eps).mean().item() / spread
+
+
+def test_std_normalisation_moves_a_constant_answer_to_the_markets_median_not_their_mean():
+    """Nine markets at 0.02 and one at 0.9 (mean 0.108, median 0.02), like ForecastBench's (mean 0.24, median 0.105).
+    Mean-centred advantages follow the cross entropy's gradient: a constant answer settles between 0.06 and 0.14,
+    at the mean. Divided by each group's std, every question pushes alike whatever is at stake, and the answer keeps
+    falling below 0.06, toward the median (bench/README.md, "Real questions, held out")."""
+    markets = torch.tensor([0.02] * 9 + [0.9], dtype=torch.float64)
+    assert _drift(markets, 0.06, normalize_std=False) > 0 > _drift(markets, 0.14, normalize_std=False)
+    assert _drift(markets, 0.06, normalize_std=True) < 0 and _drift(markets, 0.108, normalize_std=True) < 0
