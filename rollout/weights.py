@@ -75,6 +75,8 @@ class CollectiveReceiver:
 
     def receive(self):
         for dtype, items in self.buckets:
+            # A fresh buffer per bucket: vLLM's layerwise reload keeps the views it is given until each layer has all
+            # its weights, and a layer can straddle two buckets, so one reused buffer would overwrite unloaded weights.
             flat = torch.empty(sum(n for _, _, n in items), dtype=_DTYPES[dtype], device=self.device)
             self.group.broadcast([flat], dist.BroadcastOptions()).wait()
             off = 0
