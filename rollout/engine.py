@@ -31,6 +31,13 @@ def configure_env(cpu_kvcache_gib: int, cpu_core: str | None, tensor_parallel_si
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+CPU_BLOCK_SIZE = 32
+"""vLLM's KV-cache block on CPU (its default there: 128). The prefix cache shares whole blocks only, so a group's G
+samples share no prefill of a prompt shorter than a block: SmolLM2's 61-token dice prompts were prefilled G times,
+70% of a step's generation (bench/README.md, "Raw vLLM against the cores' arithmetic"). 32 is the smallest size the
+CPU attention backend takes."""
+
+
 def make_engine(model: str, *, dtype: str, max_model_len: int, seed: int, enforce_eager: bool = True,
                 gpu_memory_utilization: float = 0.5, tensor_parallel_size: int = 1):
     from vllm import LLM
@@ -43,6 +50,8 @@ def make_engine(model: str, *, dtype: str, max_model_len: int, seed: int, enforc
                       worker_extension_cls=f"{__name__}.RankExtension")
     if torch.cuda.is_available():
         kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+    else:
+        kwargs["block_size"] = CPU_BLOCK_SIZE
     return LLM(**kwargs)
 
 
