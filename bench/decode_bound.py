@@ -9,12 +9,14 @@ own weight shapes at the batch's size, timed here with as many threads as the en
 (`VLLM_CPU_OMP_THREADS_BIND`: "1" is one core, "0-1" both) once, at import. Every sequence decodes exactly
 `--tokens` tokens (`ignore_eos`), so tokens/s is decode work, not how soon sequences stop.
 
-    python bench/decode_bound.py --shape [--model models/smollm2-135m-format]
+    python bench/decode_bound.py --shape --model models/smollm2-135m-format [--block-size 128|32]
 
-The step's shape, one change at a time, on one core and one engine: from the same forced decode to what a GRPO step
-on dice generates (the recipe's 8 real prompts x G 8 in the model's chat template, stopping at the model's end of
-turn, at most 16 tokens), so the gap between the two is split into its parts: the prompts' prefill, the number of
-tokens a sequence decodes, and sequences stopping at different lengths.
+The step's shape, one change at a time, in one raw engine on one core (the project only builds the prompts): from
+the same forced decode to what a GRPO step on dice generates (the recipe's 8 real prompts x G 8 in the model's chat
+template, stopping at the model's end of turn, at most 16 tokens), so the gap between the two is split into its
+parts: the prompts' prefill, the number of tokens a sequence decodes, and sequences stopping at different lengths.
+The warm-started model, so that sequences stop where the step's do. `--block-size`: vLLM's KV-cache block, whose
+size decides whether a group's samples share their prompt's prefill (`rollout/engine.CPU_BLOCK_SIZE`).
 """
 
 from __future__ import annotations
