@@ -1,8 +1,10 @@
 """The rollout engine as `rollout.engine.make_engine` builds it, on this machine's CPU: a group's samples share their
 prompt's prefill. vLLM's prefix cache shares whole KV blocks only, and its CPU default block (128 tokens) is longer
 than most prompts here, so without `CPU_BLOCK_SIZE` every one of a group's G samples prefilled its prompt afresh
-(70% of a SmolLM2 dice step's generation; bench/README.md). The engine runs in a child process: vLLM in-process
-sets process-wide state this test process should not carry.
+(70% of a SmolLM2 dice step's generation; bench/README.md). The samples go as separate requests because vLLM reports
+cached tokens per request (with `n` > 1 it reports one child's); a group's `n` samples are child requests of one
+prompt over the same cache. The engine runs in a child process: vLLM in-process sets process-wide state this test
+process should not carry. SmolLM2-135M gives the same [0, 64, 64, 64] (run by hand: the test is about token ids).
 """
 
 import json
