@@ -25,7 +25,8 @@ A config on real questions (`task.source: parquet`, e.g. `smollm2-forecastbench-
 `run.max_minutes` (60) and reports its held-out set: CE to the market before and after, beside always 0.5, the best
 constant (the training questions' mean market probability) and the market's floor, and the model's differences from
 each with their 95% bootstrap intervals. `--set model.path=models/tiny --set warmstart.base=null` runs the tiny
-model on the same split, for contrast.
+model on the same split, for contrast. `bench/question_signal.py` says what to read the result against: how far
+anything fitted to the same training markets gets on the same held-out questions.
 
 `--compare KEY=VALUE` (repeatable) trains a second run after the first: the same model, warm start and budget with
 these settings on top (e.g. LoRA against full fine-tuning), each reported as its own row, so the two rows come from one

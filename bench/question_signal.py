@@ -4,7 +4,7 @@ anything fitted to the same training markets gets, without a GPU and in minutes,
 against it.
 
     python bench/question_signal.py [--config cluster/configs/smollm2-forecastbench-cpu.yaml] [--set k=v ...]
-                                    [--model models/smollm2-135m] [--within] [--json OUT]
+                                    [--model models/smollm2-135m] [--within [--write-within DIR]] [--json OUT]
 
 Each forecaster is fitted on the config's training questions (their market probabilities, the reward's target) and
 scored on its held-out ones by cross entropy to the market, as `forecast-grpo eval` scores a model:
@@ -22,7 +22,9 @@ scored on its held-out ones by cross entropy to the market, as `forecast-grpo ev
 Each row is the held-out CE and its difference from the best constant with a 95% bootstrap interval over questions,
 on all the held-out questions and on the fixed subset the recipe evaluates (`run.eval_max_questions`).
 `--within` fits the same on a random four fifths of the training questions and scores the rest: whether the features
-carry any signal when no time passes between the two sides.
+carry any signal when no time passes between the two sides. `--write-within DIR` writes that split as
+DIR/train.parquet and DIR/eval.parquet, for a GRPO run on it (`--set task.data=DIR/train.parquet --set
+task.eval_data=DIR/eval.parquet`).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ sys.path.insert(0, str(ROOT))  # run as a script: the project's packages
 
 from cluster.config import load_config  # noqa: E402
 from rollout import evaluate  # noqa: E402
-from rollout.questions import Question  # noqa: E402
+from rollout.questions import Question, write_parquet  # noqa: E402
 from rollout.task import load_pool  # noqa: E402
 
 SHRINK = 10
@@ -201,8 +203,11 @@ def main(argv=None) -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides")
     ap.add_argument("--model", help="an imported model folder: add its Yes/No prior as a forecaster")
     ap.add_argument("--within", action="store_true", help="also a random split of the training questions")
+    ap.add_argument("--write-within", metavar="DIR", help="with --within: write that split's two sides here")
     ap.add_argument("--json", help="write every figure here")
     args = ap.parse_args(argv)
+    if args.write_within and not args.within:
+        ap.error("--write-within writes the --within split: give --within too")
 
     cfg = load_config(args.config, args.set)
     if cfg.task.source != "parquet" or cfg.task.reward != "market":
@@ -231,6 +236,10 @@ def main(argv=None) -> None:
         cut = len(train) * 4 // 5
         fit, rest = [train[i] for i in pick[:cut]], [train[i] for i in pick[cut:]]
         out["within"] = compare(fit, rest, None, prior, seed)
+        if args.write_within:
+            Path(args.write_within).mkdir(parents=True, exist_ok=True)
+            write_parquet(fit, Path(args.write_within) / "train.parquet")
+            write_parquet(rest, Path(args.write_within) / "eval.parquet")
         print(table("within the training period (random fifth)", out["within"], len(fit), len(rest), None))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))

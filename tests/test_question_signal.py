@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from rollout.questions import Question, write_parquet
+from rollout.questions import Question, read_parquet, write_parquet
 from tests.conftest import ROOT
 
 spec = importlib.util.spec_from_file_location("question_signal", ROOT / "bench" / "question_signal.py")
@@ -44,7 +44,7 @@ def _run(tmp_path, train, heldout, *extra) -> dict:
 def test_a_signal_that_carries_is_found_and_a_shift_is_not_mistaken_for_one(tmp_path, capsys):
     train = _questions(200, dt.date(2025, 1, 1), red=0.8, blue=0.1, seed=0)
     same = _run(tmp_path, train, _questions(100, dt.date(2025, 6, 1), red=0.8, blue=0.1, seed=1),
-                "--set", "run.eval_max_questions=32", "--within")["heldout"]
+                "--set", "run.eval_max_questions=32", "--within", "--write-within", str(tmp_path / "within"))["heldout"]
     words = same["words"]
     assert words["n"] == 100 and words["minus_constant"]["high"] < -0.1  # the team's colour carries
     assert words["subset_minus_constant"]["n"] == 32  # the recipe's fixed subset, reported beside all
@@ -52,6 +52,8 @@ def test_a_signal_that_carries_is_found_and_a_shift_is_not_mistaken_for_one(tmp_
     assert same["held-out mean (not learnable)"]["minus_constant"]["mean"] == pytest.approx(0, abs=0.01)
     printed = capsys.readouterr().out
     assert "within the training period" in printed and "| words |" in printed
+    fit, rest = (read_parquet(tmp_path / "within" / f"{side}.parquet") for side in ("train", "eval"))
+    assert (len(fit), len(rest)) == (160, 40) and {q.id for q in fit + rest} == {q.id for q in train}
 
     # Later, every question sits at 0.8 whatever its team: what was learned from the training markets misleads,
     # and only the held-out markets' own mean (which no learner knows) beats the constant.
