@@ -71,6 +71,7 @@ def group_means(train: list[Question], key) -> callable:
 
 
 def horizon(q: Question) -> str:
+    """Days from the as-of date to the resolution date, in powers of two ("none" where either date is missing)."""
     if q.as_of is None or q.resolution_date is None:
         return "none"
     return str(int(math.log2(max((q.resolution_date - q.as_of).days, 0) + 1)))
@@ -86,7 +87,8 @@ def word_features(qs: list[Question]) -> torch.Tensor:
 
 
 def fit_logistic(x: torch.Tensor, target: np.ndarray, l2: float) -> callable:
-    """p = sigmoid(x.w + b) minimising the cross entropy to the soft targets plus l2 |w|^2 (L-BFGS, converged)."""
+    """p = sigmoid(x.w + b) minimising the cross entropy to the soft targets plus l2 |w|^2 (L-BFGS, at most 500
+    iterations)."""
     y = torch.tensor(target, dtype=torch.float32)
     w = torch.zeros(x.shape[1], requires_grad=True)
     b = torch.tensor(math.log(y.mean() / (1 - y.mean())), requires_grad=True)
