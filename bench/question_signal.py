@@ -221,8 +221,8 @@ def main(argv=None) -> None:
     print(f"{len(train)} training markets (mean {markets(train).mean():.3f}), {len(heldout)} held out "
           f"(mean {markets(heldout).mean():.3f})", flush=True)
     cap, seed = cfg.run.eval_max_questions, cfg.run.seed
-    subset = sorted(np.random.default_rng([seed, 7]).choice(len(heldout), cap, False).tolist()) \
-        if cap and len(heldout) > cap else None  # the recipe's fixed evaluation subset (cluster/train.py)
+    # the questions the recipe's evaluations ask (None: all of them, nothing to report apart)
+    subset = evaluate.fixed_subset(len(heldout), cap, seed) if cap and len(heldout) > cap else None
     prior = None
     if args.model:  # read once, for every split below
         both = train + heldout

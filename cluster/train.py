@@ -408,8 +408,7 @@ class Driver:
                       "questions of task.data", flush=True)
         sets, cap = {}, cfg.run.eval_max_questions
         for split, qs in found.items():
-            if cap and len(qs) > cap:
-                qs = [qs[i] for i in sorted(np.random.default_rng([cfg.run.seed, 7]).choice(len(qs), cap, False))]
+            qs = [qs[i] for i in evaluate.fixed_subset(len(qs), cap, cfg.run.seed)]
             if qs:
                 sets[split] = (qs, True)
         if cfg.task.tools:

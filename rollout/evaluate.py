@@ -101,6 +101,14 @@ def jsonable(v):
     return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
+def fixed_subset(n: int, cap: int | None, seed: int) -> list[int]:
+    """The indices of the questions an evaluation asks every time (`run.eval_max_questions`): all n, or a random `cap`
+    of them drawn once from the seed, in order."""
+    if not cap or n <= cap:
+        return list(range(n))
+    return sorted(np.random.default_rng([seed, 7]).choice(n, cap, replace=False).tolist())
+
+
 def truth(questions: list[Question]) -> np.ndarray:
     """The best-known probability per question: p* for synthetic questions, else the market."""
     return np.array([q.p_true if q.p_true is not None else

@@ -64,7 +64,7 @@ def test_a_signal_that_carries_is_found_and_a_shift_is_not_mistaken_for_one(tmp_
 
 def test_no_held_out_questions_is_an_error_naming_the_keys(tmp_path):
     write_parquet(_questions(20, dt.date(2025, 1, 1), 0.8, 0.1, 0), tmp_path / "train.parquet")
-    with pytest.raises(SystemExit, match="no held-out questions"):
+    with pytest.raises(SystemExit, match=r"no held-out questions \(task.eval_data, or task.train_before\)"):
         question_signal.main(["--config", CONFIG, "--set", f"task.data={tmp_path / 'train.parquet'}",
                               "--set", "task.eval_data=[]"])
 

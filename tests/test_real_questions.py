@@ -44,6 +44,15 @@ def test_mean_interval():
                                                                                   "high": None}) == "n/a [n/a, n/a]"
 
 
+def test_fixed_subset():
+    """The held-out questions every evaluation asks (the recipe's and bench/question_signal.py's): the same for a seed,
+    distinct, in order, all of them where the cap does not bite."""
+    picked = evaluate.fixed_subset(687, 128, seed=0)
+    assert picked == evaluate.fixed_subset(687, 128, seed=0) != evaluate.fixed_subset(687, 128, seed=1)
+    assert len(set(picked)) == 128 and picked == sorted(picked) and 0 <= picked[0] and picked[-1] < 687
+    assert evaluate.fixed_subset(5, 8, seed=0) == evaluate.fixed_subset(5, None, seed=0) == [0, 1, 2, 3, 4]
+
+
 QS = [Question(id="a", text="A?", market_prob=0.2, outcome=0), Question(id="b", text="B?", market_prob=0.6, outcome=1),
       Question(id="c", text="C?", market_prob=0.5), Question(id="d", text="D?", market_prob=0.9)]
 
